@@ -1,0 +1,151 @@
+//! Startup and shutdown: config → build → spawn → (caller waits for a signal) → drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::http::{self, ApiState};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::sinks::mqtt::MqttSink;
+use crate::store::{SinkId, Store, StoreError, Writer, WriterHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running agent.
+pub struct Agent {
+    http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    http_task: JoinHandle<()>,
+    sink_tasks: Vec<JoinHandle<()>>,
+    writer: Writer,
+    writer_handle: WriterHandle,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Agent {
+    pub async fn start(config: Config) -> Result<Agent, StartError> {
+        let config = Arc::new(config);
+        let sinks: Vec<SinkId> = config
+            .sink_names()
+            .into_iter()
+            .filter_map(SinkId::from_name)
+            .collect();
+        let data_dir = config.agent.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, &sinks))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??;
+        let store = Arc::new(store);
+        let (writer, writer_handle) = Writer::start(
+            store.clone(),
+            config.agent.dedupe_days,
+            config.agent.store_max_bytes,
+        );
+        let metrics = Arc::new(Metrics::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let mut sink_tasks = Vec::new();
+        if let Some(mqtt) = &config.mqtt {
+            let sink = MqttSink::new(
+                mqtt.clone(),
+                config.agent.site.clone(),
+                store.clone(),
+                writer_handle.clone(),
+                metrics.clone(),
+            );
+            sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
+        }
+
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
+        let state = ApiState {
+            config: config.clone(),
+            ingest: Ingest::new(config.clone(), writer_handle.clone(), metrics.clone()),
+            store: store.clone(),
+            writer: writer_handle.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut stop = shutdown_rx.clone();
+        let http_task = tokio::spawn(async move {
+            let serve =
+                axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(
+            site = %config.agent.site,
+            http = %http_addr,
+            store = %store.path().display(),
+            sinks = ?config.sink_names(),
+            "badgegate started"
+        );
+        Ok(Agent {
+            http_addr,
+            shutdown,
+            http_task,
+            sink_tasks,
+            writer,
+            writer_handle,
+            store,
+            metrics,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A check that the store is writable (the last commit succeeded), usable from any task
+    /// without keeping the writer alive.
+    pub fn health_probe(&self) -> impl Fn() -> bool + Send + 'static {
+        let last_error = self.writer_handle.last_error_slot();
+        move || last_error.lock().map(|g| g.is_none()).unwrap_or(false)
+    }
+
+    /// Stop ingest (in-flight requests finish and are committed), let the sinks collect their
+    /// outstanding acknowledgements and disconnect, then make the store durable and close it.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        let _ = self.shutdown.send(true);
+        let _ = self.http_task.await;
+        for t in self.sink_tasks {
+            let _ = t.await;
+        }
+        drop(self.writer_handle);
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        tracing::info!("stopped cleanly");
+    }
+}

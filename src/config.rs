@@ -1,0 +1,1037 @@
+//! TOML → validated [`Config`]. Parsing is two-step: each section is read into plain "raw" structs
+//! (so a type error in one section does not hide problems in another), then validated into the
+//! richer types the agent uses. Every problem names its key, e.g.
+//! `mqtt.url: unsupported scheme "htp" (expected mqtt or mqtts)`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use chrono_tz::Tz;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::model::Direction;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/badgegate/badgegate.toml";
+/// The contract's limit on one ingest request.
+pub const MAX_BATCH: usize = 1000;
+
+/// One thing wrong with a configuration, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// All problems found in a configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A secret read from a `*_file`; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub http: HttpConfig,
+    pub mqtt: Option<MqttConfig>,
+    pub terminals: Vec<TerminalConfig>,
+    pub access: AccessConfig,
+    pub zones: Vec<ZoneConfig>,
+    pub sinks: SinksConfig,
+    pub sources: SourcesConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub timezone: Tz,
+    /// Refuse ingest (HTTP 507, terminals not acked) once the store holds this many bytes.
+    pub store_max_bytes: Option<u64>,
+    /// How long a delivered clocking's id is remembered for deduplication.
+    pub dedupe_days: u32,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub keep_alive_secs: u16,
+    /// Publishes awaiting their PUBACK at once.
+    pub inflight: u16,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminalKind {
+    Anviz,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnvizMode {
+    /// The agent connects to the terminal.
+    Connect(SocketAddr),
+    /// The terminal connects to the agent.
+    Listen(SocketAddr),
+}
+
+#[derive(Debug, Clone)]
+pub struct TerminalConfig {
+    pub id: String,
+    pub kind: TerminalKind,
+    pub anviz: Option<AnvizMode>,
+    pub device_id: u32,
+    pub timezone: Tz,
+    pub zone_from: Option<String>,
+    pub zone_to: Option<String>,
+    /// A terminal mounted on one side of a gate fixes the direction of its clockings.
+    pub direction: Option<Direction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AntiPassback {
+    #[default]
+    Off,
+    Soft,
+    Hard,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub antipassback: AntiPassback,
+    pub people_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ZoneConfig {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SinksConfig {
+    pub protime: Option<ProtimeConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProtimeConfig {
+    pub base_url: String,
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub timezone: Tz,
+    pub mirror: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SourcesConfig {
+    pub crosschex: Option<CrossChexConfig>,
+    pub aktion: Option<AktionConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CrossChexConfig {
+    pub base_url: String,
+    pub api_key: String,
+    pub api_secret: Secret,
+    pub timezone: Tz,
+    pub poll_interval_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AktionConfig {
+    pub base_url: String,
+    pub user_login: String,
+    pub api_key: Secret,
+    pub poll_interval_secs: u64,
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![Problem {
+                key: "config".into(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Validate configuration text. Relative `*_file` paths are resolved against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(vec![Problem {
+                key: "config".into(),
+                message: format!("not valid TOML: {}", e.message().trim()),
+            }])
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            base_dir: base_dir.to_path_buf(),
+        };
+        let known = [
+            "agent",
+            "http",
+            "mqtt",
+            "terminals",
+            "access",
+            "zones",
+            "sinks",
+            "sources",
+        ];
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                v.problem(key, "unknown section");
+            }
+        }
+        let raw_agent: RawAgent = v.section(&table, "agent").unwrap_or_default();
+        let raw_http: RawHttp = v.section(&table, "http").unwrap_or_default();
+        let raw_mqtt: Option<RawMqtt> = v.section(&table, "mqtt");
+        let raw_access: RawAccess = v.section(&table, "access").unwrap_or_default();
+        let raw_terminals: Vec<RawTerminal> = v.array(&table, "terminals");
+        let raw_zones: Vec<RawZone> = v.array(&table, "zones");
+        let sinks = table.get("sinks").and_then(|s| s.as_table());
+        let sources = table.get("sources").and_then(|s| s.as_table());
+        if let Some(s) = sinks {
+            for k in s.keys().filter(|k| k.as_str() != "protime") {
+                v.problem(&format!("sinks.{k}"), "unknown sink (known: protime)");
+            }
+        }
+        if let Some(s) = sources {
+            for k in s
+                .keys()
+                .filter(|k| !["crosschex", "aktion"].contains(&k.as_str()))
+            {
+                v.problem(
+                    &format!("sources.{k}"),
+                    "unknown source (known: crosschex, aktion)",
+                );
+            }
+        }
+        let raw_protime: Option<RawProtime> = sinks.and_then(|s| v.section(s, "sinks.protime"));
+        let raw_crosschex: Option<RawCrossChex> =
+            sources.and_then(|s| v.section(s, "sources.crosschex"));
+        let raw_aktion: Option<RawAktion> = sources.and_then(|s| v.section(s, "sources.aktion"));
+
+        let agent = v.agent(raw_agent);
+        let http = v.http(raw_http);
+        let mqtt = raw_mqtt.and_then(|m| v.mqtt(m, &agent.site));
+        let zones = v.zones(raw_zones);
+        let terminals = v.terminals(raw_terminals, agent.timezone, &zones);
+        let access = v.access(raw_access);
+        let protime = raw_protime.and_then(|p| v.protime(p, agent.timezone));
+        let crosschex = raw_crosschex.and_then(|c| v.crosschex(c, agent.timezone));
+        let aktion = raw_aktion.and_then(|a| v.aktion(a));
+        if mqtt.is_none() && protime.is_none() && !v.has_problem_under("mqtt") {
+            v.problem(
+                "mqtt",
+                "no sink configured: add [mqtt] (or [sinks.protime]) so clockings leave the gateway",
+            );
+        }
+        if !v.problems.is_empty() {
+            return Err(ConfigError(v.problems));
+        }
+        Ok(Config {
+            agent,
+            http,
+            mqtt,
+            terminals,
+            access,
+            zones,
+            sinks: SinksConfig { protime },
+            sources: SourcesConfig { crosschex, aktion },
+        })
+    }
+
+    pub fn terminal(&self, id: &str) -> Option<&TerminalConfig> {
+        self.terminals.iter().find(|t| t.id == id)
+    }
+
+    /// The names of the sinks every clocking must be delivered to.
+    pub fn sink_names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.mqtt.is_some() {
+            names.push("mqtt");
+        }
+        if self.sinks.protime.is_some() {
+            names.push("protime");
+        }
+        names
+    }
+}
+
+// ---- raw forms: exactly the TOML keys, all optional so that validation can name what is missing.
+
+#[derive(Deserialize, Default)]
+struct RawAgent {
+    site: Option<String>,
+    data_dir: Option<PathBuf>,
+    timezone: Option<String>,
+    store_max_mb: Option<u64>,
+    dedupe_days: Option<u32>,
+    log_level: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawHttp {
+    listen: Option<String>,
+    max_body_bytes: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RawMqtt {
+    url: Option<String>,
+    client_id: Option<String>,
+    topic_prefix: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    keep_alive_secs: Option<u16>,
+    inflight: Option<u16>,
+    reconnect_min_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawTerminal {
+    id: Option<String>,
+    kind: Option<String>,
+    address: Option<String>,
+    listen: Option<String>,
+    device_id: Option<u32>,
+    timezone: Option<String>,
+    zone_from: Option<String>,
+    zone_to: Option<String>,
+    direction: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawAccess {
+    antipassback: Option<String>,
+    people_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct RawZone {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawProtime {
+    base_url: Option<String>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    timezone: Option<String>,
+    mirror: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawCrossChex {
+    base_url: Option<String>,
+    api_key: Option<String>,
+    api_secret_file: Option<PathBuf>,
+    timezone: Option<String>,
+    poll_interval_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawAktion {
+    base_url: Option<String>,
+    user_login: Option<String>,
+    api_key_file: Option<PathBuf>,
+    poll_interval_secs: Option<u64>,
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+    base_dir: PathBuf,
+}
+
+impl Validator {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn has_problem_under(&self, prefix: &str) -> bool {
+        self.problems.iter().any(|p| p.key.starts_with(prefix))
+    }
+
+    /// Deserialize one table, reporting unknown keys and type errors under `path`.
+    fn value<T: DeserializeOwned>(&mut self, value: &toml::Value, path: &str) -> Option<T> {
+        let mut unknown = Vec::new();
+        let result = serde_ignored::deserialize(value.clone(), |p| unknown.push(p.to_string()));
+        for k in unknown {
+            self.problem(&format!("{path}.{k}"), "unknown key");
+        }
+        match result {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // toml names the offending key after the message: "...\nin `x`".
+                let msg = e.to_string();
+                let (text, key) = match msg.rsplit_once("\nin `") {
+                    Some((text, rest)) => (
+                        text.trim(),
+                        format!("{path}.{}", rest.trim_end().trim_end_matches('`')),
+                    ),
+                    None => (msg.trim(), path.to_owned()),
+                };
+                let msg = text;
+                self.problem(&key, msg.to_owned());
+                None
+            }
+        }
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, table: &toml::Table, path: &str) -> Option<T> {
+        let name = path.rsplit('.').next().unwrap_or(path);
+        let value = table.get(name)?;
+        if !value.is_table() {
+            self.problem(path, "must be a table");
+            return None;
+        }
+        self.value(value, path)
+    }
+
+    fn array<T: DeserializeOwned>(&mut self, table: &toml::Table, name: &str) -> Vec<T> {
+        let Some(value) = table.get(name) else {
+            return Vec::new();
+        };
+        let Some(items) = value.as_array() else {
+            self.problem(name, format!("must be an array of tables ([[{name}]])"));
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| self.value(item, &format!("{name}[{i}]")))
+            .collect()
+    }
+
+    fn timezone(&mut self, key: &str, value: Option<String>, default: Tz) -> Tz {
+        match value {
+            None => default,
+            Some(name) => name.parse::<Tz>().unwrap_or_else(|_| {
+                self.problem(
+                    key,
+                    format!("unknown time zone {name:?} (expected an IANA name such as \"Europe/Brussels\")"),
+                );
+                default
+            }),
+        }
+    }
+
+    fn required(&mut self, key: &str, value: Option<String>) -> String {
+        match value {
+            Some(s) if !s.trim().is_empty() => s,
+            Some(_) => {
+                self.problem(key, "must not be empty");
+                String::new()
+            }
+            None => {
+                self.problem(key, "missing (required)");
+                String::new()
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!(
+                        "{value:?} is not an address (expected IP:PORT, e.g. \"127.0.0.1:8780\")"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Read a secret from its file; surrounding white space (a trailing newline) is not part of it.
+    fn secret(&mut self, key: &str, path: Option<PathBuf>) -> Option<Secret> {
+        let Some(path) = path else {
+            self.problem(key, "missing (required: a file holding the secret)");
+            return None;
+        };
+        let path = self.resolve(path);
+        match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().is_empty() => {
+                self.problem(key, format!("{} is empty", path.display()));
+                None
+            }
+            Ok(s) => Some(Secret(s.trim().to_owned())),
+            Err(e) => {
+                self.problem(key, format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    fn existing_file(&mut self, key: &str, path: Option<PathBuf>) -> Option<PathBuf> {
+        let path = self.resolve(path?);
+        if !path.is_file() {
+            self.problem(key, format!("{} does not exist", path.display()));
+        }
+        Some(path)
+    }
+
+    fn http_url(&mut self, key: &str, value: Option<String>) -> String {
+        let url = self.required(key, value);
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            self.problem(key, format!("{url:?} is not an http(s) URL"));
+        }
+        url
+    }
+
+    fn agent(&mut self, raw: RawAgent) -> AgentConfig {
+        let site = self.required("agent.site", raw.site);
+        if !site.is_empty() && !is_topic_safe(&site) {
+            self.problem(
+                "agent.site",
+                format!("{site:?} may only hold letters, digits, '-', '_' and '.' (it is part of MQTT topics)"),
+            );
+        }
+        let timezone = self.timezone("agent.timezone", raw.timezone, Tz::UTC);
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            self.problem(
+                "agent.log_level",
+                format!("{log_level:?} is not one of error, warn, info, debug, trace"),
+            );
+        }
+        if raw.store_max_mb == Some(0) {
+            self.problem("agent.store_max_mb", "must be at least 1");
+        }
+        AgentConfig {
+            site,
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/badgegate")),
+            timezone,
+            store_max_bytes: raw.store_max_mb.map(|mb| mb * 1024 * 1024),
+            dedupe_days: raw.dedupe_days.unwrap_or(30),
+            log_level,
+        }
+    }
+
+    fn http(&mut self, raw: RawHttp) -> HttpConfig {
+        let listen = raw.listen.unwrap_or_else(|| "127.0.0.1:8780".into());
+        let listen = self
+            .addr("http.listen", &listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8780)));
+        let max_batch = raw.max_batch.unwrap_or(MAX_BATCH);
+        if max_batch == 0 || max_batch > MAX_BATCH {
+            self.problem(
+                "http.max_batch",
+                format!("{max_batch} is out of range (1..={MAX_BATCH})"),
+            );
+        }
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(1024 * 1024);
+        if max_body_bytes < 1024 {
+            self.problem("http.max_body_bytes", "must be at least 1024");
+        }
+        HttpConfig {
+            listen,
+            max_body_bytes,
+            max_batch,
+        }
+    }
+
+    fn mqtt(&mut self, raw: RawMqtt, site: &str) -> Option<MqttConfig> {
+        let url = self.required("mqtt.url", raw.url);
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url.as_str()));
+        let tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => {
+                if !url.is_empty() {
+                    self.problem(
+                        "mqtt.url",
+                        format!("unsupported scheme {scheme:?} (expected mqtt or mqtts)"),
+                    );
+                }
+                false
+            }
+        };
+        if tls {
+            self.problem(
+                "mqtt.url",
+                "mqtts is not supported by this build yet; use mqtt:// on a trusted network",
+            );
+        }
+        let hostport = rest.trim_end_matches('/');
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(p) => (h.trim_matches(['[', ']']).to_owned(), p),
+                Err(_) => {
+                    self.problem("mqtt.url", format!("bad port {p:?}"));
+                    (h.to_owned(), 0)
+                }
+            },
+            None => (hostport.to_owned(), if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() && !url.is_empty() {
+            self.problem("mqtt.url", "missing host");
+        }
+        let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "badgegate".into());
+        if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) {
+            self.problem(
+                "mqtt.topic_prefix",
+                "must be non-empty and must not contain '+' or '#'",
+            );
+        }
+        let password = match raw.password_file {
+            Some(p) => self.secret("mqtt.password_file", Some(p)),
+            None => None,
+        };
+        if password.is_some() && raw.username.is_none() {
+            self.problem(
+                "mqtt.username",
+                "missing: password_file is set without a username",
+            );
+        }
+        let inflight = raw.inflight.unwrap_or(256);
+        if inflight == 0 || inflight > 10_000 {
+            self.problem(
+                "mqtt.inflight",
+                format!("{inflight} is out of range (1..=10000)"),
+            );
+        }
+        let keep_alive_secs = raw.keep_alive_secs.unwrap_or(30);
+        if keep_alive_secs < 5 {
+            self.problem("mqtt.keep_alive_secs", "must be at least 5");
+        }
+        let reconnect_min_ms = raw.reconnect_min_ms.unwrap_or(500);
+        let reconnect_max_ms = raw.reconnect_max_ms.unwrap_or(30_000);
+        if reconnect_min_ms == 0 || reconnect_min_ms > reconnect_max_ms {
+            self.problem(
+                "mqtt.reconnect_min_ms",
+                "must be at least 1 and not above mqtt.reconnect_max_ms",
+            );
+        }
+        let ca_file = self.existing_file("mqtt.ca_file", raw.ca_file);
+        let client_cert_file = self.existing_file("mqtt.client_cert_file", raw.client_cert_file);
+        let client_key_file = self.existing_file("mqtt.client_key_file", raw.client_key_file);
+        if client_cert_file.is_some() != client_key_file.is_some() {
+            self.problem(
+                "mqtt.client_key_file",
+                "client_cert_file and client_key_file go together",
+            );
+        }
+        Some(MqttConfig {
+            url,
+            host,
+            port,
+            tls,
+            client_id: raw.client_id.unwrap_or_else(|| format!("badgegate-{site}")),
+            topic_prefix,
+            username: raw.username,
+            password,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            keep_alive_secs,
+            inflight,
+            reconnect_min_ms,
+            reconnect_max_ms,
+        })
+    }
+
+    fn zones(&mut self, raw: Vec<RawZone>) -> Vec<ZoneConfig> {
+        let mut seen = HashSet::new();
+        let mut zones = Vec::new();
+        for (i, z) in raw.into_iter().enumerate() {
+            let key = format!("zones[{i}].name");
+            let name = self.required(&key, z.name);
+            if name == "outside" {
+                self.problem(&key, "\"outside\" is implicit and cannot be declared");
+            } else if !name.is_empty() && !is_topic_safe(&name) {
+                self.problem(&key, "may only hold letters, digits, '-', '_' and '.'");
+            } else if !name.is_empty() && !seen.insert(name.clone()) {
+                self.problem(&key, format!("zone {name:?} declared twice"));
+            }
+            zones.push(ZoneConfig { name });
+        }
+        zones
+    }
+
+    fn terminals(
+        &mut self,
+        raw: Vec<RawTerminal>,
+        default_tz: Tz,
+        zones: &[ZoneConfig],
+    ) -> Vec<TerminalConfig> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, t) in raw.into_iter().enumerate() {
+            let k = |f: &str| format!("terminals[{i}].{f}");
+            let id = self.required(&k("id"), t.id);
+            if !id.is_empty() && !is_topic_safe(&id) {
+                self.problem(
+                    &k("id"),
+                    format!("{id:?} may only hold letters, digits, '-', '_' and '.' (it is part of MQTT topics)"),
+                );
+            } else if !id.is_empty() && !seen.insert(id.clone()) {
+                self.problem(&k("id"), format!("terminal {id:?} declared twice"));
+            }
+            let kind = match t.kind.as_deref() {
+                Some("anviz") => TerminalKind::Anviz,
+                Some("http") | None => TerminalKind::Http,
+                Some(other) => {
+                    self.problem(
+                        &k("kind"),
+                        format!("unknown kind {other:?} (expected anviz or http)"),
+                    );
+                    TerminalKind::Http
+                }
+            };
+            let anviz = match (kind, t.address, t.listen) {
+                (TerminalKind::Anviz, Some(_), Some(_)) => {
+                    self.problem(&k("listen"), "set either address or listen, not both");
+                    None
+                }
+                (TerminalKind::Anviz, Some(a), None) => {
+                    self.addr(&k("address"), &a).map(AnvizMode::Connect)
+                }
+                (TerminalKind::Anviz, None, Some(l)) => {
+                    self.addr(&k("listen"), &l).map(AnvizMode::Listen)
+                }
+                (TerminalKind::Anviz, None, None) => {
+                    self.problem(
+                        &k("address"),
+                        "missing: an anviz terminal needs address (agent connects) or listen (terminal connects)",
+                    );
+                    None
+                }
+                (TerminalKind::Http, a, l) => {
+                    if a.is_some() || l.is_some() {
+                        self.problem(
+                            &k("kind"),
+                            "address/listen are for kind = \"anviz\"; an http terminal pushes to the ingest API",
+                        );
+                    }
+                    None
+                }
+            };
+            let timezone = self.timezone(&k("timezone"), t.timezone, default_tz);
+            for (field, zone) in [("zone_from", &t.zone_from), ("zone_to", &t.zone_to)] {
+                if let Some(z) = zone {
+                    if z != "outside" && !zones.iter().any(|d| &d.name == z) {
+                        self.problem(
+                            &k(field),
+                            format!("zone {z:?} is not declared in [[zones]]"),
+                        );
+                    }
+                }
+            }
+            if t.zone_from.is_some() != t.zone_to.is_some() {
+                self.problem(&k("zone_to"), "zone_from and zone_to go together");
+            }
+            let direction = match t.direction.as_deref() {
+                None => None,
+                Some(d) => match d.parse::<Direction>() {
+                    Ok(d) => Some(d),
+                    Err(()) => {
+                        self.problem(
+                            &k("direction"),
+                            format!("{d:?} is not one of in, out, unknown"),
+                        );
+                        None
+                    }
+                },
+            };
+            out.push(TerminalConfig {
+                id,
+                kind,
+                anviz,
+                device_id: t.device_id.unwrap_or(0),
+                timezone,
+                zone_from: t.zone_from,
+                zone_to: t.zone_to,
+                direction,
+            });
+        }
+        out
+    }
+
+    fn access(&mut self, raw: RawAccess) -> AccessConfig {
+        let antipassback = match raw.antipassback.as_deref() {
+            None | Some("off") => AntiPassback::Off,
+            Some("soft") => AntiPassback::Soft,
+            Some("hard") => AntiPassback::Hard,
+            Some(other) => {
+                self.problem(
+                    "access.antipassback",
+                    format!("{other:?} is not one of off, soft, hard"),
+                );
+                AntiPassback::Off
+            }
+        };
+        AccessConfig {
+            antipassback,
+            people_file: self.existing_file("access.people_file", raw.people_file),
+        }
+    }
+
+    fn protime(&mut self, raw: RawProtime, default_tz: Tz) -> Option<ProtimeConfig> {
+        let base_url = self.http_url("sinks.protime.base_url", raw.base_url);
+        let token_url = self.http_url("sinks.protime.token_url", raw.token_url);
+        let client_id = self.required("sinks.protime.client_id", raw.client_id);
+        let client_secret = self.secret("sinks.protime.client_secret_file", raw.client_secret_file);
+        let timezone = self.timezone("sinks.protime.timezone", raw.timezone, default_tz);
+        Some(ProtimeConfig {
+            base_url,
+            token_url,
+            client_id,
+            client_secret: client_secret?,
+            timezone,
+            mirror: raw.mirror.unwrap_or(false),
+        })
+    }
+
+    fn crosschex(&mut self, raw: RawCrossChex, default_tz: Tz) -> Option<CrossChexConfig> {
+        let base_url = self.http_url("sources.crosschex.base_url", raw.base_url);
+        let api_key = self.required("sources.crosschex.api_key", raw.api_key);
+        let api_secret = self.secret("sources.crosschex.api_secret_file", raw.api_secret_file);
+        let timezone = self.timezone("sources.crosschex.timezone", raw.timezone, default_tz);
+        let poll_interval_secs = raw.poll_interval_secs.unwrap_or(60);
+        if poll_interval_secs < 15 {
+            self.problem(
+                "sources.crosschex.poll_interval_secs",
+                "must be at least 15 (CrossChex allows about one request per 15 s)",
+            );
+        }
+        Some(CrossChexConfig {
+            base_url,
+            api_key,
+            api_secret: api_secret?,
+            timezone,
+            poll_interval_secs,
+        })
+    }
+
+    fn aktion(&mut self, raw: RawAktion) -> Option<AktionConfig> {
+        let base_url = self.http_url("sources.aktion.base_url", raw.base_url);
+        let user_login = self.required("sources.aktion.user_login", raw.user_login);
+        let api_key = self.secret("sources.aktion.api_key_file", raw.api_key_file);
+        let poll_interval_secs = raw.poll_interval_secs.unwrap_or(60);
+        if poll_interval_secs == 0 {
+            self.problem("sources.aktion.poll_interval_secs", "must be at least 1");
+        }
+        Some(AktionConfig {
+            base_url,
+            user_login,
+            api_key: api_key?,
+            poll_interval_secs,
+        })
+    }
+}
+
+/// Names that become MQTT topic levels or store keys.
+fn is_topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/nonexistent"))
+    }
+
+    fn keys(err: ConfigError) -> Vec<String> {
+        err.0.into_iter().map(|p| p.key).collect()
+    }
+
+    const MINIMAL: &str = r#"
+        [agent]
+        site = "plant-1"
+        data_dir = "/tmp/x"
+        timezone = "Europe/Brussels"
+        [mqtt]
+        url = "mqtt://127.0.0.1:1883"
+        [[terminals]]
+        id = "gate-north"
+        kind = "http"
+    "#;
+
+    #[test]
+    fn minimal_config_is_valid_with_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.agent.site, "plant-1");
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8780");
+        let m = c.mqtt.unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1883));
+        assert_eq!(m.client_id, "badgegate-plant-1");
+        assert_eq!(m.topic_prefix, "badgegate");
+        assert_eq!(c.terminals[0].timezone, chrono_tz::Europe::Brussels);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = parse(
+            r#"
+            [agent]
+            timezone = "Mars/Olympus"
+            [http]
+            listen = "nowhere"
+            [mqtt]
+            url = "htp://broker"
+            bogus = 1
+            [[terminals]]
+            id = "a"
+            kind = "anviz"
+            [[terminals]]
+            id = "a"
+            kind = "teleport"
+            device_id = "seven"
+            "#,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(r#"mqtt.url: unsupported scheme "htp" (expected mqtt or mqtts)"#),
+            "{msg}"
+        );
+        let k = keys(err);
+        for want in [
+            "agent.site",
+            "agent.timezone",
+            "http.listen",
+            "mqtt.url",
+            "mqtt.bogus",
+            "terminals[0].address",
+            "terminals[1].device_id",
+        ] {
+            assert!(k.contains(&want.to_string()), "missing {want} in {k:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_terminal_and_unknown_kind() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[[terminals]]\nid = \"gate-north\"\nkind = \"teleport\"\n"
+        ))
+        .unwrap_err();
+        let k = keys(err);
+        assert!(k.contains(&"terminals[1].id".to_string()));
+        assert!(k.contains(&"terminals[1].kind".to_string()));
+    }
+
+    #[test]
+    fn zones_must_be_declared() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[[terminals]]\nid = \"t2\"\nzone_from = \"outside\"\nzone_to = \"lab\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["terminals[1].zone_to".to_string()]);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_not_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "hunter2\n").unwrap();
+        let text = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"mqtt://127.0.0.1:1883\"\nusername = \"u\"\npassword_file = \"pw\"",
+        );
+        let c = Config::parse(&text, dir.path()).unwrap();
+        let m = c.mqtt.unwrap();
+        assert_eq!(m.password.as_ref().unwrap().expose(), "hunter2");
+        assert!(!format!("{m:?}").contains("hunter2"));
+
+        let err = parse(&text).unwrap_err();
+        assert_eq!(keys(err), vec!["mqtt.password_file".to_string()]);
+    }
+
+    #[test]
+    fn syntax_error_is_one_clear_problem() {
+        let err = parse("[agent\nsite=").unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.to_string().starts_with("config: not valid TOML"));
+    }
+
+    #[test]
+    fn no_sink_is_a_problem() {
+        let err = parse("[agent]\nsite = \"s\"\n").unwrap_err();
+        assert_eq!(keys(err), vec!["mqtt".to_string()]);
+    }
+}

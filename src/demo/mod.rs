@@ -1,0 +1,376 @@
+//! `badgegate demo`: the whole product on loopback with nothing installed.
+//!
+//! An embedded MQTT broker, the agent (real store on disk in a temporary directory, real HTTP
+//! ingest, real MQTT sink), simulated terminals feeding the ingest path, a subscriber counting
+//! what arrives, and an uplink that is cut for a while and then restored. Ends with a one-screen
+//! summary; exits non-zero if any stored clocking was not delivered.
+
+pub mod broker;
+pub mod proxy;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+
+use crate::app::Agent;
+use crate::config::Config;
+use crate::localhttp;
+use crate::store::SinkId;
+use broker::Broker;
+use proxy::Uplink;
+
+const SITE: &str = "demo";
+const TERMINALS: [&str; 2] = ["gate-north", "gate-south"];
+/// Clockings per second per simulated terminal.
+const RATE: u64 = 40;
+
+fn demo_config(data_dir: &std::path::Path, mqtt: SocketAddr) -> anyhow::Result<Config> {
+    let text = format!(
+        r#"
+[agent]
+site = "{SITE}"
+data_dir = "{}"
+timezone = "Europe/Brussels"
+
+[http]
+listen = "127.0.0.1:0"
+
+[mqtt]
+url = "mqtt://{mqtt}"
+client_id = "badgegate-demo"
+reconnect_min_ms = 200
+reconnect_max_ms = 1000
+
+[[zones]]
+name = "production"
+
+[[terminals]]
+id = "gate-north"
+kind = "http"
+zone_from = "outside"
+zone_to = "production"
+
+[[terminals]]
+id = "gate-south"
+kind = "http"
+timezone = "Europe/Brussels"
+direction = "out"
+"#,
+        data_dir.display()
+    );
+    Config::parse(&text, data_dir).map_err(|e| anyhow::anyhow!("demo config: {e}"))
+}
+
+/// What the subscriber saw.
+#[derive(Default)]
+struct Arrivals {
+    ids: Mutex<HashSet<String>>,
+    redelivered: AtomicU64,
+    bad_payloads: AtomicU64,
+}
+
+pub async fn run(duration: Duration) -> anyhow::Result<()> {
+    let duration = duration.max(Duration::from_secs(6));
+    let dir = tempfile::tempdir().context("creating a temporary data directory")?;
+    let broker = Broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("starting the embedded MQTT broker")?;
+    let uplink = Uplink::start(broker.local_addr())
+        .await
+        .context("starting the uplink relay")?;
+    let config = demo_config(dir.path(), uplink.addr())?;
+    let agent = Agent::start(config).await.context("starting the agent")?;
+    let api = agent.http_addr();
+
+    let arrivals = Arc::new(Arrivals::default());
+    let subscriber = subscribe(broker.local_addr(), arrivals.clone()).await?;
+
+    println!("badgegate demo — everything on loopback, nothing installed");
+    println!(
+        "  broker {}   agent API http://{}   store {}",
+        broker.local_addr(),
+        api,
+        agent.store().path().display()
+    );
+    println!(
+        "  {} simulated terminals at {RATE} clockings/s each; the uplink is cut from {}s to {}s\n",
+        TERMINALS.len(),
+        duration.as_secs() / 3,
+        2 * duration.as_secs() / 3
+    );
+
+    let generated = Arc::new(AtomicU64::new(0));
+    let reposted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut terminals = Vec::new();
+    for (i, t) in TERMINALS.iter().enumerate() {
+        terminals.push(tokio::spawn(simulate_terminal(
+            api,
+            t,
+            i as u64,
+            generated.clone(),
+            reposted.clone(),
+            refused.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let start = Instant::now();
+    let outage_at = duration / 3;
+    let restore_at = 2 * duration / 3;
+    let mut max_backlog = 0u64;
+    let mut restored_at = None;
+    let mut drained_in = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_print = Instant::now() - Duration::from_secs(1);
+    loop {
+        tick.tick().await;
+        let elapsed = start.elapsed();
+        if elapsed >= outage_at && elapsed < restore_at && uplink.is_up() {
+            uplink.set_up(false);
+            println!("  -- uplink cut: clockings keep coming and are buffered on disk");
+        }
+        if elapsed >= restore_at && !uplink.is_up() {
+            uplink.set_up(true);
+            stop_tx.send_replace(true);
+            restored_at = Some(Instant::now());
+            println!("  -- uplink restored, terminals stopped: draining the backlog");
+        }
+        let backlog = pending(&agent).await;
+        max_backlog = max_backlog.max(backlog);
+        let stored = agent.metrics().stored.load(Ordering::Relaxed);
+        let delivered = arrivals.ids.lock().map(|s| s.len() as u64).unwrap_or(0);
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            println!(
+                "  t={:>3}s  generated {:>6}  stored {:>6}  delivered {:>6}  backlog {:>6}  uplink {}",
+                elapsed.as_secs(),
+                generated.load(Ordering::Relaxed),
+                stored,
+                delivered,
+                backlog,
+                if uplink.is_up() { "up" } else { "DOWN" }
+            );
+        }
+        if let Some(at) = restored_at {
+            if backlog == 0 && delivered >= stored {
+                drained_in = Some(at.elapsed());
+                break;
+            }
+            if elapsed > duration + Duration::from_secs(30) {
+                break;
+            }
+        }
+    }
+    for t in terminals {
+        let _ = t.await;
+    }
+
+    let stored = agent.metrics().stored.load(Ordering::Relaxed);
+    let ingest_duplicates = agent.metrics().duplicates.load(Ordering::Relaxed);
+    let delivered = arrivals.ids.lock().map(|s| s.len() as u64).unwrap_or(0);
+    let redelivered = arrivals.redelivered.load(Ordering::Relaxed);
+    let bad = arrivals.bad_payloads.load(Ordering::Relaxed);
+    agent.shutdown().await;
+    subscriber.abort();
+    broker.shutdown().await;
+
+    println!();
+    println!("  ┌─ summary ───────────────────────────────────────────────┐");
+    println!(
+        "  │ clockings generated                   {:>16} │",
+        generated.load(Ordering::Relaxed)
+    );
+    println!(
+        "  │ re-sent by terminals (deduplicated)   {:>16} │",
+        ingest_duplicates
+    );
+    println!("  │ stored durably                        {:>16} │", stored);
+    println!(
+        "  │ delivered to the MQTT subscriber      {:>16} │",
+        delivered
+    );
+    println!(
+        "  │ delivered twice (at-least-once)       {:>16} │",
+        redelivered
+    );
+    println!(
+        "  │ max backlog during the outage         {:>16} │",
+        max_backlog
+    );
+    println!(
+        "  │ drain time after the uplink returned  {:>16} │",
+        drained_in.map_or_else(
+            || "did not drain".to_owned(),
+            |d| format!("{:.2} s", d.as_secs_f64())
+        )
+    );
+    println!(
+        "  │ refused by the agent                  {:>16} │",
+        refused.load(Ordering::Relaxed)
+    );
+    println!("  └─────────────────────────────────────────────────────────┘");
+    if bad > 0 {
+        bail!("{bad} payloads did not match the contract");
+    }
+    if delivered != stored || drained_in.is_none() {
+        bail!(
+            "{} stored clockings were not delivered",
+            stored.saturating_sub(delivered)
+        );
+    }
+    println!("  every stored clocking was delivered; none lost.");
+    Ok(())
+}
+
+async fn pending(agent: &Agent) -> u64 {
+    let store = agent.store().clone();
+    tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|s| {
+            s.sinks
+                .iter()
+                .find(|k| k.sink == SinkId::Mqtt.as_str())
+                .map(|k| k.pending)
+        })
+        .unwrap_or(0)
+}
+
+/// A terminal pushing clockings to the ingest API; now and then it re-sends one (as terminals do
+/// when they miss an answer), which the store deduplicates.
+async fn simulate_terminal(
+    api: SocketAddr,
+    terminal: &'static str,
+    seed: u64,
+    generated: Arc<AtomicU64>,
+    reposted: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
+    let mut last: Option<Vec<u8>> = None;
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (body, fresh) = match &last {
+            Some(prev) if rand::rng().random_ratio(1, 20) => (prev.clone(), false),
+            _ => {
+                n += 1;
+                let badge = 1000 + (seed * 7919 + n * 104_729) % 400;
+                let direction = if n.is_multiple_of(2) { "in" } else { "out" };
+                let body = serde_json::json!({
+                    "terminal": terminal,
+                    "badge": badge.to_string(),
+                    "occurred_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    "direction": direction,
+                });
+                (serde_json::to_vec(&body).unwrap_or_default(), true)
+            }
+        };
+        match localhttp::request(
+            api,
+            "POST",
+            "/v1/clockings",
+            Some(&body),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok((202, _)) => {
+                if fresh {
+                    generated.fetch_add(1, Ordering::Relaxed);
+                    last = Some(body);
+                } else {
+                    reposted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(_) | Err(_) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A plant-network subscriber: counts distinct ids and re-deliveries, checks payload fields.
+async fn subscribe(
+    broker: SocketAddr,
+    arrivals: Arc<Arrivals>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut opts = MqttOptions::new("demo-subscriber", broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    client
+        .subscribe(format!("badgegate/{SITE}/clockings/#"), QoS::AtLeastOnce)
+        .await
+        .context("subscribing")?;
+    // Wait until the subscription is in place before any clocking flows.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("subscriber could not connect to the embedded broker: {e}"),
+            Err(_) => bail!("subscriber got no SUBACK within 10 s"),
+        }
+    }
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                        .ok()
+                        .filter(|v| {
+                            [
+                                "id",
+                                "site",
+                                "terminal",
+                                "badge",
+                                "occurred_at",
+                                "date",
+                                "time_of_day_minutes",
+                                "direction",
+                                "status",
+                                "source",
+                                "received_at",
+                            ]
+                            .iter()
+                            .all(|k| v.get(k).is_some())
+                        })
+                        .and_then(|v| v["id"].as_str().map(str::to_owned));
+                    match id {
+                        Some(id) => {
+                            let fresh = arrivals
+                                .ids
+                                .lock()
+                                .map(|mut s| s.insert(id))
+                                .unwrap_or(false);
+                            if !fresh {
+                                arrivals.redelivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        None => {
+                            arrivals.bad_payloads.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }))
+}

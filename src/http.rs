@@ -1,0 +1,386 @@
+//! The local HTTP API: ingest, health, metrics, queue statistics.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::DateTime;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::model::{AccessStatus, Direction, NewClocking, Source};
+use crate::store::{QueueStats, Store, StoreError, WriterHandle};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub config: Arc<Config>,
+    pub ingest: Ingest,
+    pub store: Arc<Store>,
+    pub writer: WriterHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/clockings", post(post_clockings))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/queue/stats", get(queue_stats))
+        .with_state(state)
+}
+
+/// A 4xx/5xx answer in the contract's error shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    index: Option<usize>,
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            index: None,
+            field: None,
+        }
+    }
+
+    fn invalid(index: usize, field: &'static str, code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message,
+            index: Some(index),
+            field: Some(field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(i) = self.index {
+            error["index"] = json!(i);
+        }
+        if let Some(f) = self.field {
+            error["field"] = json!(f);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Full(_) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "store_full",
+                format!("{e}; nothing from this request was stored"),
+            ),
+            _ => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("{e}; nothing from this request was stored"),
+            ),
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than http.max_body_bytes ({limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b.to_vec()),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.to_string().contains("length limit") {
+                    return Err(too_large());
+                }
+                source = s.source();
+            }
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_unreadable",
+                format!("could not read the request body: {e}"),
+            ))
+        }
+    }
+}
+
+async fn post_clockings(State(st): State<ApiState>, req: Request) -> Response {
+    match accept_clockings(&st, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_client_error() {
+                st.metrics
+                    .rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(code = e.code, index = ?e.index, field = ?e.field, message = %e.message, "ingest rejected");
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    if !is_json(&parts.headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send clockings as JSON with Content-Type: application/json",
+        ));
+    }
+    let body = read_body(body, &parts.headers, st.config.http.max_body_bytes).await?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let items = match value {
+        Value::Array(items) => {
+            if items.len() > st.config.http.max_batch {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "batch_too_large",
+                    format!(
+                        "{} clockings in one request; at most {} (http.max_batch)",
+                        items.len(),
+                        st.config.http.max_batch
+                    ),
+                ));
+            }
+            if items.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "empty_batch",
+                    "the array holds no clockings",
+                ));
+            }
+            items
+        }
+        obj @ Value::Object(_) => vec![obj],
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "expected a clocking object or an array of them",
+            ))
+        }
+    };
+    // Validate everything before storing anything: one bad element rejects the whole request.
+    let batch = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_clocking(&st.config, i, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcomes = st.ingest.submit(batch).await?;
+    let accepted: Vec<Value> = outcomes
+        .iter()
+        .map(|o| json!({"id": o.id.to_string(), "duplicate": !o.stored}))
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
+}
+
+const FIELDS: [&str; 5] = ["terminal", "badge", "occurred_at", "direction", "status"];
+
+/// Validate one element of an ingest request into a new clocking.
+pub fn parse_clocking(config: &Config, i: usize, v: &Value) -> Result<NewClocking, ApiError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_body",
+            message: "each element must be a clocking object".into(),
+            index: Some(i),
+            field: None,
+        });
+    };
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        let message = format!("unknown field {unknown:?} (expected {})", FIELDS.join(", "));
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "unknown_field",
+            message,
+            index: Some(i),
+            field: None,
+        });
+    }
+    let string = |field: &'static str, required: bool| -> Result<Option<&str>, ApiError> {
+        match obj.get(field) {
+            None | Some(Value::Null) if !required => Ok(None),
+            None | Some(Value::Null) => Err(ApiError::invalid(
+                i,
+                field,
+                "missing_field",
+                format!("{field} is required"),
+            )),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(
+                i,
+                field,
+                "invalid_type",
+                format!("{field} must be a string"),
+            )),
+        }
+    };
+    let terminal = string("terminal", true)?.unwrap_or_default();
+    let term = config.terminal(terminal).ok_or_else(|| {
+        ApiError::invalid(
+            i,
+            "terminal",
+            "unknown_terminal",
+            format!("terminal {terminal:?} is not configured"),
+        )
+    })?;
+    let badge = string("badge", true)?.unwrap_or_default();
+    let badge_len = badge.chars().count();
+    if !(1..=64).contains(&badge_len) || badge.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            i,
+            "badge",
+            "invalid_badge",
+            "badge must be 1 to 64 printable characters".into(),
+        ));
+    }
+    let occurred = string("occurred_at", true)?.unwrap_or_default();
+    let occurred_at = DateTime::parse_from_rfc3339(occurred).map_err(|e| {
+        ApiError::invalid(
+            i,
+            "occurred_at",
+            "invalid_timestamp",
+            format!("occurred_at {occurred:?} is not RFC 3339 with an offset ({e}), e.g. \"2026-03-01T08:00:00+01:00\""),
+        )
+    })?;
+    let direction = match string("direction", false)? {
+        None => term.direction.unwrap_or_default(),
+        Some(d) => d.parse::<Direction>().map_err(|_| {
+            ApiError::invalid(
+                i,
+                "direction",
+                "invalid_direction",
+                format!("direction {d:?} is not one of in, out, unknown"),
+            )
+        })?,
+    };
+    let status = match string("status", false)? {
+        None => None,
+        Some(s) => Some(s.parse::<AccessStatus>().map_err(|_| {
+            ApiError::invalid(
+                i,
+                "status",
+                "invalid_status",
+                format!("status {s:?} is not a Protime access status (AccessOk, AccessRefused, WrongPinCode, AlarmCode, AntiPassbackError, OutZone, UnknownBadge)"),
+            )
+        })?),
+    };
+    Ok(NewClocking {
+        terminal: term.id.clone(),
+        badge: badge.to_owned(),
+        occurred_at,
+        direction,
+        status,
+        person: None,
+        source: Source::Http,
+    })
+}
+
+async fn stats(store: &Arc<Store>) -> Result<QueueStats, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
+}
+
+async fn healthz(State(st): State<ApiState>) -> Response {
+    let stats = stats(&st.store).await;
+    let store_error = st.writer.last_error();
+    let writable = store_error.is_none() && stats.is_ok();
+    let m = &st.metrics.mqtt;
+    let mut body = json!({
+        "status": if writable { "ok" } else { "store_unwritable" },
+        "site": st.config.agent.site,
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": {
+            "writable": writable,
+            "error": store_error.or_else(|| stats.as_ref().err().map(|e| e.to_string())),
+        },
+    });
+    if st.config.mqtt.is_some() {
+        body["mqtt"] = json!({
+            "connected": m.connected.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": m.last_error(),
+            "in_flight": m.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        });
+    }
+    if let Ok(s) = &stats {
+        body["store"]["bytes"] = json!(s.store_bytes);
+        body["store"]["clockings"] = json!(s.clockings_stored);
+        body["pending"] = s
+            .sinks
+            .iter()
+            .map(|k| (k.sink.clone(), json!(k.pending)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        body["oldest_pending_age_secs"] = json!(s
+            .sinks
+            .iter()
+            .filter_map(|k| k.oldest_pending_age_secs)
+            .fold(None::<f64>, |a, b| Some(a.map_or(b, |a| a.max(b)))));
+    }
+    let code = if writable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let stats = stats(&st.store).await.ok();
+    let text = st
+        .metrics
+        .render(stats.as_ref(), st.writer.last_error().is_none());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn queue_stats(State(st): State<ApiState>) -> Result<Json<QueueStats>, ApiError> {
+    Ok(Json(stats(&st.store).await?))
+}

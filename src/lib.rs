@@ -1,0 +1,19 @@
+//! badgegate: collects clockings from badge terminals and clouds, stores each one durably, and
+//! forwards it to every configured sink, deleting it only once every sink confirmed it.
+//!
+//! Data flow: `terminals/` and `sources/` → [`store`] → `sinks/`, with the access engine beside it.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod ingest;
+pub mod localhttp;
+pub mod metrics;
+pub mod model;
+pub mod sinks;
+pub mod store;
+pub mod terminals;

@@ -1,0 +1,203 @@
+//! Counters and gauges shared by every part of the agent, rendered as Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::model::Source;
+use crate::store::QueueStats;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub received: [AtomicU64; 5],
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub store_full: AtomicU64,
+    pub mqtt: SinkMetrics,
+}
+
+/// What one sink reports about its uplink.
+#[derive(Default)]
+pub struct SinkMetrics {
+    pub connected: AtomicBool,
+    pub delivered: AtomicU64,
+    pub published: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl SinkMetrics {
+    pub fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+fn source_index(s: Source) -> usize {
+    match s {
+        Source::Anviz => 0,
+        Source::Http => 1,
+        Source::Crosschex => 2,
+        Source::Protime => 3,
+        Source::Aktion => 4,
+    }
+}
+
+const SOURCES: [Source; 5] = [
+    Source::Anviz,
+    Source::Http,
+    Source::Crosschex,
+    Source::Protime,
+    Source::Aktion,
+];
+
+impl Metrics {
+    pub fn count_received(&self, s: Source, n: u64) {
+        self.received[source_index(s)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    pub fn render(&self, stats: Option<&QueueStats>, store_ok: bool) -> String {
+        let mut out = String::new();
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let received: Vec<(String, f64)> = SOURCES
+            .iter()
+            .map(|s| {
+                (
+                    format!("{{source=\"{}\"}}", s.as_str()),
+                    r(&self.received[source_index(*s)]) as f64,
+                )
+            })
+            .collect();
+        metric(
+            "badgegate_clockings_received_total",
+            "counter",
+            "Clockings received, by source (including duplicates).",
+            &received,
+        );
+        metric(
+            "badgegate_clockings_stored_total",
+            "counter",
+            "Clockings durably stored (new ids).",
+            &[(String::new(), r(&self.stored) as f64)],
+        );
+        metric(
+            "badgegate_clockings_duplicate_total",
+            "counter",
+            "Clockings received again with an id already stored or remembered.",
+            &[(String::new(), r(&self.duplicates) as f64)],
+        );
+        metric(
+            "badgegate_ingest_rejected_total",
+            "counter",
+            "Ingest requests rejected as invalid.",
+            &[(String::new(), r(&self.rejected) as f64)],
+        );
+        metric(
+            "badgegate_store_errors_total",
+            "counter",
+            "Store commits that failed (ingest refused).",
+            &[(String::new(), r(&self.store_errors) as f64)],
+        );
+        metric(
+            "badgegate_store_full_total",
+            "counter",
+            "Ingests refused because the store is full.",
+            &[(String::new(), r(&self.store_full) as f64)],
+        );
+        metric(
+            "badgegate_store_writable",
+            "gauge",
+            "1 when the last store commit succeeded.",
+            &[(String::new(), if store_ok { 1.0 } else { 0.0 })],
+        );
+        let m = &self.mqtt;
+        metric(
+            "badgegate_mqtt_connected",
+            "gauge",
+            "1 while the MQTT uplink is connected.",
+            &[(
+                String::new(),
+                if m.connected.load(Ordering::Relaxed) {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
+        );
+        metric(
+            "badgegate_mqtt_reconnects_total",
+            "counter",
+            "MQTT connection attempts after the first.",
+            &[(String::new(), r(&m.reconnects) as f64)],
+        );
+        metric(
+            "badgegate_mqtt_published_total",
+            "counter",
+            "Clocking publishes written (including re-sends after a reconnect).",
+            &[(String::new(), r(&m.published) as f64)],
+        );
+        metric(
+            "badgegate_mqtt_in_flight",
+            "gauge",
+            "Publishes awaiting their PUBACK.",
+            &[(String::new(), r(&m.in_flight) as f64)],
+        );
+        metric(
+            "badgegate_delivered_total",
+            "counter",
+            "Clockings confirmed by a sink.",
+            &[("{sink=\"mqtt\"}".into(), r(&m.delivered) as f64)],
+        );
+        if let Some(stats) = stats {
+            let pending: Vec<_> = stats
+                .sinks
+                .iter()
+                .map(|s| (format!("{{sink=\"{}\"}}", s.sink), s.pending as f64))
+                .collect();
+            metric(
+                "badgegate_pending",
+                "gauge",
+                "Clockings not yet confirmed, by sink.",
+                &pending,
+            );
+            let oldest: Vec<_> = stats
+                .sinks
+                .iter()
+                .map(|s| {
+                    (
+                        format!("{{sink=\"{}\"}}", s.sink),
+                        s.oldest_pending_age_secs.unwrap_or(0.0),
+                    )
+                })
+                .collect();
+            metric(
+                "badgegate_oldest_pending_age_seconds",
+                "gauge",
+                "Age of the oldest unconfirmed clocking, by sink (0 when none).",
+                &oldest,
+            );
+            metric(
+                "badgegate_store_bytes",
+                "gauge",
+                "Size of the store file.",
+                &[(String::new(), stats.store_bytes as f64)],
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,356 @@
+//! The durable outbox. The only module that touches the database file.
+//!
+//! Layout (redb tables; values in postcard):
+//! - `outbox`: seq (u64, arrival order) → clocking
+//! - `ids`: clocking id → seq, and `id_expiry`: (expiry unix secs, id) → () so that ids of delivered
+//!   clockings are remembered for `[agent].dedupe_days` and then forgotten cheaply
+//! - `pending.<sink>`: seq → () for every clocking that sink has not confirmed yet
+//! - `meta`: counters (next seq)
+//!
+//! A clocking leaves `outbox` in the same transaction that removes it from the last sink's
+//! pending table, so "delivered to every sink" and "deleted" can never disagree.
+//!
+//! Writes go through one writer thread ([`writer`]) that batches concurrent requests into a
+//! single fsync'd transaction (group commit); reads open their own read transactions.
+
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::Serialize;
+
+use crate::model::Clocking;
+
+pub use writer::{IngestOutcome, Writer, WriterHandle};
+
+pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+pub(crate) const IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("ids");
+pub(crate) const ID_EXPIRY: TableDefinition<(u64, [u8; 16]), ()> =
+    TableDefinition::new("id_expiry");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+
+pub(crate) const META_NEXT_SEQ: &str = "next_seq";
+
+/// A destination that must confirm every clocking before it may leave the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkId {
+    Mqtt,
+    Protime,
+}
+
+impl SinkId {
+    pub const ALL: [SinkId; 2] = [SinkId::Mqtt, SinkId::Protime];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkId::Mqtt => "mqtt",
+            SinkId::Protime => "protime",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<SinkId> {
+        SinkId::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    pub(crate) fn table(self) -> TableDefinition<'static, u64, ()> {
+        match self {
+            SinkId::Mqtt => TableDefinition::new("pending.mqtt"),
+            SinkId::Protime => TableDefinition::new("pending.protime"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The disk or the configured store cap is full: refuse, never drop.
+    #[error("store is full ({0}); clockings are refused until space is freed")]
+    Full(String),
+    #[error("store {path} is in use by another process (is the agent running?)")]
+    Locked { path: PathBuf },
+    #[error("store {path} is damaged: {detail}")]
+    Corrupted { path: PathBuf, detail: String },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store writer has stopped")]
+    Stopped,
+    #[error("stored value could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl StoreError {
+    pub(crate) fn from_redb(e: impl Into<redb::Error>) -> StoreError {
+        let e: redb::Error = e.into();
+        match e {
+            redb::Error::Io(io) => io_error(io),
+            redb::Error::Corrupted(detail) => StoreError::Corrupted {
+                path: PathBuf::new(),
+                detail,
+            },
+            other => StoreError::Io(other.to_string()),
+        }
+    }
+}
+
+fn io_error(io: std::io::Error) -> StoreError {
+    // ENOSPC (28) and EDQUOT (122): the disk is full, which the contract answers with 507.
+    if matches!(io.raw_os_error(), Some(28) | Some(122))
+        || io.kind() == std::io::ErrorKind::StorageFull
+    {
+        StoreError::Full(io.to_string())
+    } else {
+        StoreError::Io(io.to_string())
+    }
+}
+
+/// What `queue stats` shows.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct QueueStats {
+    pub store_path: PathBuf,
+    pub store_bytes: u64,
+    pub clockings_stored: u64,
+    pub sinks: Vec<SinkStats>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct SinkStats {
+    pub sink: String,
+    pub pending: u64,
+    /// Age of the oldest clocking this sink has not confirmed, by when it was received.
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
+/// The durable store. Cheap to share behind an `Arc`; reads run on the caller's thread.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    sinks: Vec<SinkId>,
+}
+
+impl Store {
+    pub const FILE_NAME: &'static str = "badgegate.redb";
+
+    /// Open (or create) the store in `data_dir` for the given sinks. A sink's pending table
+    /// that is no longer configured is dropped (its clockings are released from the outbox when
+    /// no other sink still needs them), with a warning: this only happens on a config change.
+    pub fn open(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Io(format!(
+                "cannot create data_dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(Self::FILE_NAME);
+        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+        let store = Store {
+            db,
+            path,
+            sinks: sinks.to_vec(),
+        };
+        store.init_tables()?;
+        Ok(store)
+    }
+
+    fn init_tables(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(StoreError::from_redb)?;
+        {
+            txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+            txn.open_table(IDS).map_err(StoreError::from_redb)?;
+            txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
+            txn.open_table(META).map_err(StoreError::from_redb)?;
+            txn.open_table(STATE).map_err(StoreError::from_redb)?;
+            for s in &self.sinks {
+                txn.open_table(s.table()).map_err(StoreError::from_redb)?;
+            }
+            let mut released = 0u64;
+            for gone in SinkId::ALL.iter().filter(|s| !self.sinks.contains(s)) {
+                let existing: Vec<u64> = match txn.open_table(gone.table()) {
+                    Ok(t) => t
+                        .iter()
+                        .map_err(StoreError::from_redb)?
+                        .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                        .collect(),
+                    Err(_) => continue,
+                };
+                if !existing.is_empty() {
+                    tracing::warn!(
+                        sink = gone.as_str(),
+                        undelivered = existing.len(),
+                        "sink is no longer configured: its undelivered clockings are released"
+                    );
+                }
+                txn.delete_table(gone.table())
+                    .map_err(StoreError::from_redb)?;
+                let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+                for seq in existing {
+                    if !self.pending_elsewhere(&txn, None, seq)? {
+                        outbox.remove(seq).map_err(StoreError::from_redb)?;
+                        released += 1;
+                    }
+                }
+            }
+            if released > 0 {
+                tracing::warn!(released, "clockings released from the outbox");
+            }
+        }
+        txn.commit().map_err(StoreError::from_redb)
+    }
+
+    /// Is `seq` still pending at any configured sink other than `except`?
+    pub(crate) fn pending_elsewhere(
+        &self,
+        txn: &redb::WriteTransaction,
+        except: Option<SinkId>,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        for s in self.sinks.iter().filter(|s| Some(**s) != except) {
+            let t = txn.open_table(s.table()).map_err(StoreError::from_redb)?;
+            if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn sinks(&self) -> &[SinkId] {
+        &self.sinks
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Up to `limit` clockings pending for `sink` with seq > `after`, in arrival order.
+    pub fn pending(
+        &self,
+        sink: SinkId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Clocking)>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let pending = txn
+            .open_table(sink.table())
+            .map_err(StoreError::from_redb)?;
+        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for entry in pending.range(start..).map_err(StoreError::from_redb)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (seq, _) = entry.map_err(StoreError::from_redb)?;
+            let seq = seq.value();
+            let Some(bytes) = outbox.get(seq).map_err(StoreError::from_redb)? else {
+                // Pending without a body cannot be produced by the writer; skip rather than stall.
+                tracing::error!(seq, sink = sink.as_str(), "pending entry without clocking");
+                continue;
+            };
+            let c: Clocking = postcard::from_bytes(bytes.value())
+                .map_err(|e| StoreError::Decode(format!("seq {seq}: {e}")))?;
+            out.push((seq, c));
+        }
+        Ok(out)
+    }
+
+    /// Pending counts, oldest pending age and store size.
+    pub fn stats(&self) -> Result<QueueStats, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let now = Utc::now();
+        let mut sinks = Vec::new();
+        for s in &self.sinks {
+            let t = txn.open_table(s.table()).map_err(StoreError::from_redb)?;
+            let pending = t.len().map_err(StoreError::from_redb)?;
+            let oldest = match t.first().map_err(StoreError::from_redb)? {
+                Some((seq, _)) => outbox
+                    .get(seq.value())
+                    .map_err(StoreError::from_redb)?
+                    .and_then(|b| postcard::from_bytes::<Clocking>(b.value()).ok())
+                    .map(|c| age_secs(c.received_at, now)),
+                None => None,
+            };
+            sinks.push(SinkStats {
+                sink: s.as_str().to_owned(),
+                pending,
+                oldest_pending_age_secs: oldest,
+            });
+        }
+        Ok(QueueStats {
+            store_path: self.path.clone(),
+            store_bytes: file_len(&self.path),
+            clockings_stored: outbox.len().map_err(StoreError::from_redb)?,
+            sinks,
+        })
+    }
+
+    /// Read a small state value (watermarks, tokens, …) written through the writer.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
+        Ok(t.get(key)
+            .map_err(StoreError::from_redb)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Is a clocking with this id stored or remembered?
+    pub fn contains_id(&self, id: &crate::model::ClockingId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let t = txn.open_table(IDS).map_err(StoreError::from_redb)?;
+        Ok(t.get(id.0).map_err(StoreError::from_redb)?.is_some())
+    }
+}
+
+/// Read-only statistics for `queue stats` while the agent is stopped.
+pub fn offline_stats(data_dir: &Path, sinks: &[SinkId]) -> Result<QueueStats, StoreError> {
+    let path = data_dir.join(Store::FILE_NAME);
+    if !path.exists() {
+        return Err(StoreError::Io(format!(
+            "no store at {} (has the agent ever run with this data_dir?)",
+            path.display()
+        )));
+    }
+    // Opening for writing (not read-only) lets redb repair a store left by a crash; the lock
+    // makes this fail cleanly with `Locked` while the agent runs.
+    Store::open(data_dir, sinks)?.stats()
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+            path: path.to_path_buf(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => {
+            StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail,
+            }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            StoreError::Locked {
+                path: path.to_path_buf(),
+            }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io_error(io),
+        other => StoreError::Corrupted {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+pub(crate) fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn age_secs(t: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    ((now - t).num_milliseconds().max(0) as f64) / 1000.0
+}

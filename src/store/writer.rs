@@ -1,0 +1,651 @@
+//! The single writer: group commit.
+//!
+//! Every write to the store (new clockings, sink confirmations, state values) is sent to one OS
+//! thread. It takes everything that queued up while the previous transaction was committing and
+//! writes it in ONE transaction, so N concurrent ingests cost one fsync, not N.
+//!
+//! Durability: a transaction that holds new clockings is committed with `Durability::Immediate`
+//! (fsync'd before anyone is told "accepted"). Confirmations alone are committed with
+//! `Durability::None` and made durable by the next immediate commit or by the idle flush at most
+//! `IDLE_FLUSH` later: losing one only re-delivers (at-least-once), it can never lose a clocking.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use redb::{Durability, ReadableTable};
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    file_len, SinkId, Store, StoreError, IDS, ID_EXPIRY, META, META_NEXT_SEQ, OUTBOX, STATE,
+};
+use crate::model::{Clocking, ClockingId};
+
+/// How long a non-durable confirmation may wait before an fsync makes it durable.
+const IDLE_FLUSH: Duration = Duration::from_millis(500);
+/// Upper bound on clockings in one transaction, to keep commit latency bounded.
+const MAX_BATCH_CLOCKINGS: usize = 20_000;
+
+/// The result of storing one clocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub id: ClockingId,
+    /// False when the id was already stored or remembered: nothing new was written.
+    pub stored: bool,
+}
+
+pub(crate) enum Op {
+    Ingest {
+        clockings: Vec<Clocking>,
+        state: Vec<(String, Vec<u8>)>,
+        reply: oneshot::Sender<Result<Vec<IngestOutcome>, StoreError>>,
+    },
+    Confirm {
+        sink: SinkId,
+        seqs: Vec<u64>,
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// The sending side, cloned into every producer and sink.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Op>,
+    committed: watch::Receiver<u64>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl WriterHandle {
+    /// Store clockings durably (and optional state values in the same transaction). Returns after
+    /// the fsync'd commit, with one outcome per clocking in the same order.
+    pub async fn ingest(
+        &self,
+        clockings: Vec<Clocking>,
+        state: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Ingest {
+                clockings,
+                state,
+                reply,
+            })
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Record that `sink` confirmed these clockings; fire and forget.
+    pub fn confirm(&self, sink: SinkId, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.tx
+            .send(Op::Confirm {
+                sink,
+                seqs,
+                reply: None,
+            })
+            .map_err(|_| StoreError::Stopped)
+    }
+
+    /// Record confirmations and wait until they are committed (not necessarily fsync'd).
+    pub async fn confirm_and_wait(&self, sink: SinkId, seqs: Vec<u64>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Confirm {
+                sink,
+                seqs,
+                reply: Some(reply),
+            })
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Make everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Flush { reply })
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// Why the last commit failed, or None when it succeeded: the store is writable.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// The shared slot behind [`WriterHandle::last_error`], without the sending side.
+    pub fn last_error_slot(&self) -> Arc<Mutex<Option<String>>> {
+        self.last_error.clone()
+    }
+
+    /// Highest seq committed so far; changes whenever new clockings are stored.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// Owns the writer thread. Dropping every [`WriterHandle`] and calling [`Writer::join`] finishes
+/// the queued work and makes it durable.
+pub struct Writer {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start(
+        store: Arc<Store>,
+        dedupe_days: u32,
+        max_bytes: Option<u64>,
+    ) -> (Writer, WriterHandle) {
+        let (tx, rx) = mpsc::channel();
+        let next = read_next_seq(&store).unwrap_or(0);
+        let (committed_tx, committed) = watch::channel(next.saturating_sub(1));
+        let last_error = Arc::new(Mutex::new(None));
+        let mut state = WriterState {
+            last_error: last_error.clone(),
+            store,
+            next_seq: next,
+            dedupe_secs: u64::from(dedupe_days) * 86_400,
+            max_bytes,
+            cached_used: None,
+            committed: committed_tx,
+            dirty: false,
+            last_prune: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || state.run(rx))
+            .ok();
+        (
+            Writer { thread },
+            WriterHandle {
+                tx,
+                committed,
+                last_error,
+            },
+        )
+    }
+
+    /// Wait for the writer to finish everything queued (all handles must be dropped).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn read_next_seq(store: &Store) -> Result<u64, StoreError> {
+    use redb::ReadableDatabase;
+    let txn = store.db().begin_read().map_err(StoreError::from_redb)?;
+    let meta = txn.open_table(META).map_err(StoreError::from_redb)?;
+    Ok(meta
+        .get(META_NEXT_SEQ)
+        .map_err(StoreError::from_redb)?
+        .map_or(1, |v| v.value()))
+}
+
+struct WriterState {
+    store: Arc<Store>,
+    last_error: Arc<Mutex<Option<String>>>,
+    next_seq: u64,
+    dedupe_secs: u64,
+    max_bytes: Option<u64>,
+    /// (bytes in use, when measured): measuring walks the database, so it is cached briefly.
+    cached_used: Option<(u64, Instant)>,
+    committed: watch::Sender<u64>,
+    /// A non-durable commit happened since the last fsync.
+    dirty: bool,
+    last_prune: Instant,
+}
+
+impl WriterState {
+    fn run(&mut self, rx: mpsc::Receiver<Op>) {
+        loop {
+            let first = match rx.recv_timeout(IDLE_FLUSH) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.idle();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut ops = vec![first];
+            let mut clockings = op_clockings(&ops[0]);
+            while clockings < MAX_BATCH_CLOCKINGS {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        clockings += op_clockings(&op);
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(ops);
+        }
+        // Every handle is gone: make the last confirmations durable before exiting.
+        if self.dirty {
+            if let Err(e) = self.commit_empty(Durability::Immediate) {
+                tracing::error!(error = %e, "final store flush failed");
+            }
+        }
+    }
+
+    fn idle(&mut self) {
+        if self.dirty {
+            match self.commit_empty(Durability::Immediate) {
+                Ok(()) => self.dirty = false,
+                Err(e) => tracing::warn!(error = %e, "store flush failed; will retry"),
+            }
+        }
+        if self.last_prune.elapsed() > Duration::from_secs(3600) {
+            self.last_prune = Instant::now();
+            if let Err(e) = self.prune_ids() {
+                tracing::warn!(error = %e, "pruning remembered ids failed; will retry");
+            }
+        }
+    }
+
+    fn commit_empty(&mut self, durability: Durability) -> Result<(), StoreError> {
+        let mut txn = self
+            .store
+            .db()
+            .begin_write()
+            .map_err(StoreError::from_redb)?;
+        txn.set_durability(durability)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        txn.commit().map_err(StoreError::from_redb)
+    }
+
+    fn commit_batch(&mut self, ops: Vec<Op>) {
+        let has_ingest = ops
+            .iter()
+            .any(|op| matches!(op, Op::Ingest { .. } | Op::Flush { .. }));
+        let seq_before = self.next_seq;
+        let result = self.write(&ops, has_ingest);
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = result.as_ref().err().map(|e| e.to_string());
+        }
+        match result {
+            Ok(outcomes) => {
+                // An immediate commit made every earlier non-durable one durable too.
+                self.dirty = !has_ingest;
+                let mut outcomes = outcomes.into_iter();
+                for op in ops {
+                    match op {
+                        Op::Ingest { reply, .. } => {
+                            let _ = reply.send(Ok(outcomes.next().unwrap_or_default()));
+                        }
+                        Op::Confirm { reply, .. } => {
+                            if let Some(r) = reply {
+                                let _ = r.send(Ok(()));
+                            }
+                        }
+                        Op::Flush { reply } => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                if self.next_seq != seq_before {
+                    self.committed.send_replace(self.next_seq - 1);
+                }
+            }
+            Err(e) => {
+                // Nothing of this transaction was written: every requester hears why.
+                self.next_seq = seq_before;
+                tracing::error!(error = %e, "store commit failed");
+                for op in ops {
+                    match op {
+                        Op::Ingest { reply, .. } => {
+                            let _ = reply.send(Err(clone_err(&e)));
+                        }
+                        Op::Confirm { reply, .. } => {
+                            if let Some(r) = reply {
+                                let _ = r.send(Err(clone_err(&e)));
+                            }
+                        }
+                        Op::Flush { reply } => {
+                            let _ = reply.send(Err(clone_err(&e)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole batch. Returns the outcomes of each ingest op in order.
+    fn write(&mut self, ops: &[Op], durable: bool) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
+        let new_clockings: usize = ops.iter().map(op_clockings).sum();
+        if new_clockings > 0 {
+            self.check_space(new_clockings)?;
+        }
+        let mut txn = self
+            .store
+            .db()
+            .begin_write()
+            .map_err(StoreError::from_redb)?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+        let sinks = self.store.sinks().to_vec();
+        let mut results = Vec::new();
+        {
+            let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+            let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
+            let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
+            let mut state_t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
+            let mut pending: Vec<_> = sinks
+                .iter()
+                .map(|s| txn.open_table(s.table()))
+                .collect::<Result<_, _>>()
+                .map_err(StoreError::from_redb)?;
+            let expires = (Utc::now().timestamp().max(0) as u64) + self.dedupe_secs;
+            for op in ops {
+                match op {
+                    Op::Ingest {
+                        clockings, state, ..
+                    } => {
+                        let mut outcomes = Vec::with_capacity(clockings.len());
+                        for c in clockings {
+                            if ids.get(c.id.0).map_err(StoreError::from_redb)?.is_some() {
+                                outcomes.push(IngestOutcome {
+                                    id: c.id,
+                                    stored: false,
+                                });
+                                continue;
+                            }
+                            let seq = self.next_seq;
+                            self.next_seq += 1;
+                            let bytes = postcard::to_allocvec(c)
+                                .map_err(|e| StoreError::Io(format!("encoding clocking: {e}")))?;
+                            outbox
+                                .insert(seq, bytes.as_slice())
+                                .map_err(StoreError::from_redb)?;
+                            ids.insert(c.id.0, seq).map_err(StoreError::from_redb)?;
+                            expiry
+                                .insert((expires, c.id.0), ())
+                                .map_err(StoreError::from_redb)?;
+                            for t in pending.iter_mut() {
+                                t.insert(seq, ()).map_err(StoreError::from_redb)?;
+                            }
+                            outcomes.push(IngestOutcome {
+                                id: c.id,
+                                stored: true,
+                            });
+                        }
+                        for (k, v) in state {
+                            state_t
+                                .insert(k.as_str(), v.as_slice())
+                                .map_err(StoreError::from_redb)?;
+                        }
+                        results.push(outcomes);
+                    }
+                    Op::Confirm { sink, seqs, .. } => {
+                        let Some(idx) = sinks.iter().position(|s| s == sink) else {
+                            continue;
+                        };
+                        for &seq in seqs {
+                            pending[idx].remove(seq).map_err(StoreError::from_redb)?;
+                            let mut elsewhere = false;
+                            for (j, t) in pending.iter().enumerate() {
+                                if j != idx && t.get(seq).map_err(StoreError::from_redb)?.is_some()
+                                {
+                                    elsewhere = true;
+                                    break;
+                                }
+                            }
+                            if !elsewhere {
+                                outbox.remove(seq).map_err(StoreError::from_redb)?;
+                            }
+                        }
+                    }
+                    Op::Flush { .. } => {}
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(StoreError::from_redb)?;
+            meta.insert(META_NEXT_SEQ, self.next_seq)
+                .map_err(StoreError::from_redb)?;
+        }
+        txn.commit().map_err(StoreError::from_redb)?;
+        if let Some((used, _)) = self.cached_used.as_mut() {
+            *used += new_clockings as u64 * 200;
+        }
+        Ok(results)
+    }
+
+    /// Refuse new clockings once the configured cap is reached. The file only grows (freed pages
+    /// are reused, not returned), so the file size is a cheap first test and the real usage is
+    /// measured only when the file is at the cap.
+    fn check_space(&mut self, incoming: usize) -> Result<(), StoreError> {
+        let Some(max) = self.max_bytes else {
+            return Ok(());
+        };
+        let estimate = incoming as u64 * 200;
+        if file_len(self.store.path()) + estimate <= max {
+            return Ok(());
+        }
+        let used = match self.cached_used {
+            Some((used, at)) if at.elapsed() < Duration::from_secs(2) => used,
+            _ => {
+                let txn = self
+                    .store
+                    .db()
+                    .begin_write()
+                    .map_err(StoreError::from_redb)?;
+                let stats = txn.stats().map_err(StoreError::from_redb)?;
+                let used = stats.allocated_pages() * stats.page_size() as u64;
+                txn.abort().map_err(StoreError::from_redb)?;
+                self.cached_used = Some((used, Instant::now()));
+                used
+            }
+        };
+        if used + estimate > max {
+            return Err(StoreError::Full(format!(
+                "{used} of {max} bytes allowed by agent.store_max_mb in use"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forget ids whose dedupe window has passed, unless their clocking is still undelivered.
+    fn prune_ids(&mut self) -> Result<(), StoreError> {
+        let now = Utc::now().timestamp().max(0) as u64;
+        let txn = self
+            .store
+            .db()
+            .begin_write()
+            .map_err(StoreError::from_redb)?;
+        {
+            let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
+            let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
+            let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+            let expired: Vec<(u64, [u8; 16])> = expiry
+                .range(..(now, [0u8; 16]))
+                .map_err(StoreError::from_redb)?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                .collect();
+            for (at, id) in expired {
+                let seq = ids
+                    .get(id)
+                    .map_err(StoreError::from_redb)?
+                    .map(|v| v.value());
+                if let Some(seq) = seq {
+                    if outbox.get(seq).map_err(StoreError::from_redb)?.is_some() {
+                        continue;
+                    }
+                }
+                ids.remove(id).map_err(StoreError::from_redb)?;
+                expiry.remove((at, id)).map_err(StoreError::from_redb)?;
+            }
+        }
+        txn.commit().map_err(StoreError::from_redb)
+    }
+}
+
+fn op_clockings(op: &Op) -> usize {
+    match op {
+        Op::Ingest { clockings, .. } => clockings.len(),
+        _ => 0,
+    }
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Full(s) => StoreError::Full(s.clone()),
+        StoreError::Io(s) => StoreError::Io(s.clone()),
+        StoreError::Decode(s) => StoreError::Decode(s.clone()),
+        StoreError::Stopped => StoreError::Stopped,
+        StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+        StoreError::Corrupted { path, detail } => StoreError::Corrupted {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AccessStatus, Direction, NewClocking, Source};
+
+    fn clocking(badge: &str, minute: u32) -> Clocking {
+        let tz: chrono_tz::Tz = "Europe/Brussels".parse().unwrap();
+        let at =
+            chrono::DateTime::parse_from_rfc3339(&format!("2026-05-04T08:{minute:02}:00+02:00"))
+                .unwrap();
+        Clocking::from_new(
+            "site",
+            tz,
+            NewClocking {
+                terminal: "gate".into(),
+                badge: badge.into(),
+                occurred_at: at,
+                direction: Direction::In,
+                status: None,
+                person: None,
+                source: Source::Http,
+            },
+            AccessStatus::AccessOk,
+            Utc::now(),
+        )
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn ingest_dedupe_confirm_and_delete_across_sinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            let a = clocking("1", 0);
+            let b = clocking("2", 1);
+            let out = h
+                .ingest(vec![a.clone(), b.clone(), a.clone()], vec![])
+                .await
+                .unwrap();
+            assert_eq!(
+                out.iter().map(|o| o.stored).collect::<Vec<_>>(),
+                vec![true, true, false]
+            );
+            let again = h.ingest(vec![b.clone()], vec![]).await.unwrap();
+            assert!(!again[0].stored, "a later duplicate is not stored again");
+
+            let mqtt = store.pending(SinkId::Mqtt, None, 10).unwrap();
+            assert_eq!(
+                mqtt.iter().map(|(_, c)| c.id).collect::<Vec<_>>(),
+                vec![a.id, b.id]
+            );
+            let first_seq = mqtt[0].0;
+
+            h.confirm_and_wait(SinkId::Mqtt, vec![first_seq])
+                .await
+                .unwrap();
+            assert_eq!(store.pending(SinkId::Mqtt, None, 10).unwrap().len(), 1);
+            // Still pending for protime: the clocking stays in the outbox.
+            assert_eq!(store.stats().unwrap().clockings_stored, 2);
+            h.confirm_and_wait(SinkId::Protime, vec![first_seq])
+                .await
+                .unwrap();
+            assert_eq!(store.stats().unwrap().clockings_stored, 1);
+            // Its id is still remembered after delivery.
+            assert!(store.contains_id(&a.id).unwrap());
+            let out = h.ingest(vec![a.clone()], vec![]).await.unwrap();
+            assert!(!out[0].stored);
+        });
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn store_cap_refuses_with_full_and_keeps_what_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
+        let cap = file_len(store.path()) + 64 * 1024;
+        let (writer, h) = Writer::start(store.clone(), 30, Some(cap));
+        let mut accepted = 0;
+        let err = rt().block_on(async {
+            for i in 0..100_000u32 {
+                let batch: Vec<_> = (0..50).map(|j| clocking(&format!("{i}-{j}"), 0)).collect();
+                match h.ingest(batch, vec![]).await {
+                    Ok(_) => accepted += 50,
+                    Err(e) => return e,
+                }
+            }
+            panic!("cap never reached");
+        });
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+        assert_eq!(store.stats().unwrap().clockings_stored, accepted);
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn sequence_survives_reopen_and_removed_sink_releases_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store =
+                Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
+            let (writer, h) = Writer::start(store.clone(), 30, None);
+            rt().block_on(async {
+                h.ingest(vec![clocking("1", 0), clocking("2", 0)], vec![])
+                    .await
+                    .unwrap();
+                let seqs: Vec<u64> = store
+                    .pending(SinkId::Mqtt, None, 10)
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.0)
+                    .collect();
+                h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+            });
+            drop(h);
+            writer.join();
+        }
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
+        assert_eq!(
+            store.stats().unwrap().clockings_stored,
+            0,
+            "protime-only entries released"
+        );
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            h.ingest(vec![clocking("3", 0)], vec![]).await.unwrap();
+        });
+        let p = store.pending(SinkId::Mqtt, None, 10).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, 3, "sequence continues after reopen");
+        drop(h);
+        writer.join();
+    }
+}

@@ -1,0 +1,3 @@
+//! Anviz TC-B terminals (FaceDeep and others) over TCP.
+
+pub mod codec;

@@ -1,0 +1,4 @@
+//! Device links: terminals speaking their own protocols to the agent.
+
+pub mod anviz;
+pub mod simulator;

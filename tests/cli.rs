@@ -1,0 +1,154 @@
+//! The command line: exit codes, check-config, queue stats with the agent stopped and running.
+
+mod support;
+
+use std::process::Output;
+
+use support::*;
+
+fn run(args: &[&str]) -> Output {
+    badgegate().args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn version_help_and_usage_errors() {
+    let v = run(&["--version"]);
+    assert_eq!(v.status.code(), Some(0));
+    assert!(stdout(&v).starts_with(&format!("badgegate {}", env!("CARGO_PKG_VERSION"))));
+    let h = run(&["--help"]);
+    assert_eq!(h.status.code(), Some(0));
+    for cmd in ["run", "demo", "check-config", "queue"] {
+        assert!(stdout(&h).contains(cmd), "help lists {cmd}");
+    }
+    assert_eq!(run(&["frobnicate"]).status.code(), Some(64));
+    assert_eq!(run(&["run", "--bogus"]).status.code(), Some(64));
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        agent_config(
+            &dir.path().join("data"),
+            8780,
+            "mqtt://127.0.0.1:1883",
+            "",
+            "",
+        ),
+    )
+    .unwrap();
+    let o = run(&["check-config", "--config", good.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("OK"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[agent]\nsite = \"plant 1\"\ntimezone = \"Europe/Bruxelles\"\n[mqtt]\nurl = \"htp://broker\"\n[[terminals]]\nid = \"g\"\nkind = \"anviz\"\n",
+    )
+    .unwrap();
+    let o = run(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.contains(&r#"mqtt.url: unsupported scheme "htp" (expected mqtt or mqtts)"#),
+        "{out}"
+    );
+    for key in ["agent.site:", "agent.timezone:", "terminals[0].address:"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)),
+            "{key} missing in {out}"
+        );
+    }
+    assert_eq!(lines.len(), 4, "one line per problem: {out}");
+
+    let o = run(&["check-config", "--config", "/nonexistent/badgegate.toml"]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stdout(&o).starts_with("config: cannot read /nonexistent/badgegate.toml"));
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[agent]\n").unwrap();
+    let o = run(&["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("agent.site: missing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_stats_while_running_and_stopped_and_a_second_agent_is_refused() {
+    let mosquitto = Mosquitto::start();
+    let uplink = badgegate::demo::proxy::Uplink::start(mosquitto.addr())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
+    let api = Api::new();
+    uplink.set_up(false);
+    api.post_all(&agent, &many(25, "q")).await;
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+
+    // Running: the store is locked, the CLI asks the agent's API.
+    let o = run(&["queue", "stats", "--config", &cfg, "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["sinks"][0]["sink"], "mqtt");
+    assert_eq!(v["sinks"][0]["pending"], 25);
+    assert!(v["sinks"][0]["oldest_pending_age_secs"].as_f64().unwrap() >= 0.0);
+    assert!(v["store_bytes"].as_u64().unwrap() > 0);
+
+    // A second agent on the same store cannot start: I/O error, exit 74, clear message.
+    let second_dir = tempfile::tempdir().unwrap();
+    let second_cfg = second_dir.path().join("b.toml");
+    std::fs::write(
+        &second_cfg,
+        agent_config(&agent.data_dir, free_port(), "mqtt://127.0.0.1:1", "", ""),
+    )
+    .unwrap();
+    let o = run(&["run", "--config", second_cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(74));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use by another process"));
+
+    // Stopped: read from the store directly, human format.
+    assert_eq!(agent.terminate().code(), Some(0));
+    let o = run(&["queue", "stats", "--config", &cfg]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.contains("badgegate.redb"), "{out}");
+    let mqtt_line = out.lines().find(|l| l.starts_with("mqtt")).expect(&out);
+    assert_eq!(mqtt_line.split_whitespace().nth(1), Some("25"), "{out}");
+}
+
+#[test]
+fn queue_stats_without_a_store_is_an_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        agent_config(
+            &dir.path().join("none"),
+            8780,
+            "mqtt://127.0.0.1:1883",
+            "",
+            "",
+        ),
+    )
+    .unwrap();
+    let o = run(&["queue", "stats", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(74));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no store at"));
+}

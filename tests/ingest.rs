@@ -1,0 +1,222 @@
+//! The ingest API's answers to bad input: the right status, a clear error, nothing stored.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+async fn setup() -> (Mosquitto, tempfile::TempDir, AgentProc, Api) {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start(dir.path(), &mosquitto.url());
+    (mosquitto, dir, agent, Api::new())
+}
+
+async fn raw(api: &Api, agent: &AgentProc, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = api
+        .client
+        .post(agent.url("/v1/clockings"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_status_and_nothing_is_stored() {
+    let (_m, _d, agent, api) = setup().await;
+    let good = clocking("gate-1", "1", "2026-03-01T08:00:00+01:00", "in");
+
+    let (s, b) = raw(
+        &api,
+        &agent,
+        "application/json",
+        b"{\"terminal\": ".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+
+    let (s, b) = raw(
+        &api,
+        &agent,
+        "text/plain",
+        serde_json::to_vec(&good).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+
+    let (s, b) = raw(
+        &api,
+        &agent,
+        "application/json",
+        vec![b' '; 2 * 1024 * 1024],
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+
+    // One invalid element rejects the whole batch, naming its index and field.
+    let cases = [
+        (
+            json!({"terminal": "nope", "badge": "1", "occurred_at": "2026-03-01T08:00:00Z"}),
+            "terminal",
+            "unknown_terminal",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "1", "occurred_at": "2026-03-01 08:00"}),
+            "occurred_at",
+            "invalid_timestamp",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "1", "occurred_at": "2026-03-01T08:00:00"}),
+            "occurred_at",
+            "invalid_timestamp",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "", "occurred_at": "2026-03-01T08:00:00Z"}),
+            "badge",
+            "invalid_badge",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "x".repeat(65), "occurred_at": "2026-03-01T08:00:00Z"}),
+            "badge",
+            "invalid_badge",
+        ),
+        (
+            json!({"terminal": "gate-1", "occurred_at": "2026-03-01T08:00:00Z"}),
+            "badge",
+            "missing_field",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": 5, "occurred_at": "2026-03-01T08:00:00Z"}),
+            "badge",
+            "invalid_type",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "1", "occurred_at": "2026-03-01T08:00:00Z", "direction": "up"}),
+            "direction",
+            "invalid_direction",
+        ),
+        (
+            json!({"terminal": "gate-1", "badge": "1", "occurred_at": "2026-03-01T08:00:00Z", "status": "Maybe"}),
+            "status",
+            "invalid_status",
+        ),
+    ];
+    for (bad, field, code) in cases {
+        let batch = json!([good, good, bad]);
+        let (s, b) = api.post(&agent, &batch).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+        assert_eq!(b["error"]["code"], code, "{b}");
+        assert_eq!(b["error"]["field"], field, "{b}");
+        assert_eq!(b["error"]["index"], 2, "{b}");
+        assert!(!b["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (s, b) = api.post(&agent, &json!({"terminal": "gate-1", "badge": "1", "occurred_at": "2026-03-01T08:00:00Z", "gate": 1})).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("unknown_field"))
+    );
+    let (s, b) = api
+        .post(&agent, &Value::Array(vec![good.clone(); 1001]))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("batch_too_large"))
+    );
+    let (s, _) = api.post(&agent, &json!([])).await;
+    assert_eq!(s, 400);
+    let (s, _) = api.post(&agent, &json!("clocking")).await;
+    assert_eq!(s, 400);
+
+    assert_eq!(
+        api.stored(&agent).await,
+        0,
+        "nothing from a rejected request is stored"
+    );
+    assert_eq!(
+        api.metric(&agent, "badgegate_clockings_stored_total").await,
+        0.0
+    );
+    assert!(api.metric(&agent, "badgegate_ingest_rejected_total").await >= 14.0);
+
+    // The agent is still fine afterwards.
+    let (s, _) = api.post(&agent, &good).await;
+    assert_eq!(s, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_store_answers_507_and_recovers() {
+    let mosquitto = Mosquitto::start();
+    let uplink = badgegate::demo::proxy::Uplink::start(mosquitto.addr())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &format!("mqtt://{}", uplink.addr()),
+        "store_max_mb = 1",
+        "",
+    );
+    let api = Api::new();
+
+    uplink.set_up(false);
+    let mut accepted = 0u64;
+    let mut full = None;
+    for i in 0..200 {
+        let (s, b) = api
+            .post(
+                &agent,
+                &serde_json::Value::Array(many(100, &format!("fill{i}"))),
+            )
+            .await;
+        match s {
+            202 => accepted += 100,
+            507 => {
+                full = Some(b);
+                break;
+            }
+            other => panic!("unexpected {other}: {b}"),
+        }
+    }
+    let body = full.expect("the store never filled up");
+    assert_eq!(body["error"]["code"], "store_full");
+    assert_eq!(
+        api.stored(&agent).await,
+        accepted,
+        "everything acknowledged is kept"
+    );
+
+    // Space returns when the backlog drains; ingest works again.
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    uplink.set_up(true);
+    api.wait_drained(&agent, Duration::from_secs(60)).await;
+    let mut delivered = std::collections::HashSet::new();
+    while delivered.len() < accepted as usize {
+        let (_, v, _) = sub
+            .next(Duration::from_secs(30))
+            .await
+            .expect("missing deliveries");
+        delivered.insert(v["id"].as_str().unwrap().to_owned());
+    }
+    let (s, _) = api
+        .post(
+            &agent,
+            &clocking("gate-1", "after", "2026-03-01T08:00:00Z", "in"),
+        )
+        .await;
+    assert_eq!(s, 202);
+}
