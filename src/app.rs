@@ -6,12 +6,13 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, TerminalConfig, TerminalKind};
 use crate::http::{self, ApiState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::sinks::mqtt::MqttSink;
 use crate::store::{SinkId, Store, StoreError, Writer, WriterHandle};
+use crate::terminals::anviz::link::AnvizLink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -29,6 +30,7 @@ pub struct Agent {
     http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     http_task: JoinHandle<()>,
+    source_tasks: Vec<JoinHandle<()>>,
     sink_tasks: Vec<JoinHandle<()>>,
     writer: Writer,
     writer_handle: WriterHandle,
@@ -54,7 +56,12 @@ impl Agent {
             config.agent.dedupe_days,
             config.agent.store_max_bytes,
         );
-        let metrics = Arc::new(Metrics::default());
+        let link_terminals: Vec<&TerminalConfig> = config
+            .terminals
+            .iter()
+            .filter(|t| t.kind == TerminalKind::Anviz)
+            .collect();
+        let metrics = Arc::new(Metrics::new(link_terminals.iter().map(|t| t.id.as_str())));
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut sink_tasks = Vec::new();
@@ -69,6 +76,14 @@ impl Agent {
             sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
         }
 
+        let ingest = Ingest::new(config.clone(), writer_handle.clone(), metrics.clone());
+        let mut source_tasks = Vec::new();
+        for t in link_terminals {
+            let health = metrics.terminals.get(&t.id).cloned().unwrap_or_default();
+            let link = AnvizLink::new(t.clone(), ingest.clone(), health);
+            source_tasks.push(tokio::spawn(link.run(shutdown_rx.clone())));
+        }
+
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -81,7 +96,7 @@ impl Agent {
         })?;
         let state = ApiState {
             config: config.clone(),
-            ingest: Ingest::new(config.clone(), writer_handle.clone(), metrics.clone()),
+            ingest,
             store: store.clone(),
             writer: writer_handle.clone(),
             metrics: metrics.clone(),
@@ -107,6 +122,7 @@ impl Agent {
             http_addr,
             shutdown,
             http_task,
+            source_tasks,
             sink_tasks,
             writer,
             writer_handle,
@@ -140,6 +156,9 @@ impl Agent {
         tracing::info!("shutting down");
         let _ = self.shutdown.send(true);
         let _ = self.http_task.await;
+        for t in self.source_tasks {
+            let _ = t.await;
+        }
         for t in self.sink_tasks {
             let _ = t.await;
         }

@@ -144,6 +144,34 @@ pub struct TerminalConfig {
     pub zone_to: Option<String>,
     /// A terminal mounted on one side of a gate fixes the direction of its clockings.
     pub direction: Option<Direction>,
+    pub link: LinkTiming,
+}
+
+/// Timing of a device link (anviz terminals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkTiming {
+    /// A request every this often keeps idle links alive (some firmware drops them after ~30 min)
+    /// and reads the device's count of new records.
+    pub keepalive: std::time::Duration,
+    /// Backfill at least this often even when no record was pushed.
+    pub backfill_interval: std::time::Duration,
+    /// How long to wait for any answer before the link is considered broken.
+    pub request_timeout: std::time::Duration,
+    /// Set the terminal clock when it is off by more than this.
+    pub max_clock_drift_secs: u32,
+    pub clock_sync_interval: std::time::Duration,
+}
+
+impl Default for LinkTiming {
+    fn default() -> LinkTiming {
+        LinkTiming {
+            keepalive: std::time::Duration::from_secs(30),
+            backfill_interval: std::time::Duration::from_secs(60),
+            request_timeout: std::time::Duration::from_secs(5),
+            max_clock_drift_secs: 30,
+            clock_sync_interval: std::time::Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -364,6 +392,11 @@ struct RawTerminal {
     zone_from: Option<String>,
     zone_to: Option<String>,
     direction: Option<String>,
+    keepalive_secs: Option<u64>,
+    backfill_interval_secs: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    max_clock_drift_secs: Option<u32>,
+    clock_sync_interval_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -815,6 +848,29 @@ impl Validator {
                     }
                 },
             };
+            let d = LinkTiming::default();
+            let secs = |v: Option<u64>, default: std::time::Duration| {
+                v.map_or(default, std::time::Duration::from_secs)
+            };
+            let link = LinkTiming {
+                keepalive: secs(t.keepalive_secs, d.keepalive),
+                backfill_interval: secs(t.backfill_interval_secs, d.backfill_interval),
+                request_timeout: t
+                    .request_timeout_ms
+                    .map_or(d.request_timeout, std::time::Duration::from_millis),
+                max_clock_drift_secs: t.max_clock_drift_secs.unwrap_or(d.max_clock_drift_secs),
+                clock_sync_interval: secs(t.clock_sync_interval_secs, d.clock_sync_interval),
+            };
+            for (field, v) in [
+                ("keepalive_secs", link.keepalive),
+                ("backfill_interval_secs", link.backfill_interval),
+                ("request_timeout_ms", link.request_timeout),
+                ("clock_sync_interval_secs", link.clock_sync_interval),
+            ] {
+                if v.is_zero() {
+                    self.problem(&k(field), "must be greater than 0");
+                }
+            }
             out.push(TerminalConfig {
                 id,
                 kind,
@@ -824,6 +880,7 @@ impl Validator {
                 zone_from: t.zone_from,
                 zone_to: t.zone_to,
                 direction,
+                link,
             });
         }
         out

@@ -350,6 +350,15 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             "in_flight": m.in_flight.load(std::sync::atomic::Ordering::Relaxed),
         });
     }
+    if !st.metrics.terminals.is_empty() {
+        body["terminals"] = st
+            .metrics
+            .terminals
+            .iter()
+            .map(|(id, t)| (id.clone(), t.to_json()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
     if let Ok(s) = &stats {
         body["store"]["bytes"] = json!(s.store_bytes);
         body["store"]["clockings"] = json!(s.clockings_stored);

@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -1,8 +1,11 @@
 //! Counters and gauges shared by every part of the agent, rendered as Prometheus text.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
 
 use crate::model::Source;
 use crate::store::QueueStats;
@@ -16,6 +19,50 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     pub store_full: AtomicU64,
     pub mqtt: SinkMetrics,
+    /// One entry per device-link terminal, fixed at start.
+    pub terminals: BTreeMap<String, Arc<TerminalHealth>>,
+}
+
+/// What a device link reports about its terminal.
+#[derive(Default)]
+pub struct TerminalHealth {
+    pub connected: AtomicBool,
+    /// Unix milliseconds of the newest record received; 0 before the first.
+    pub last_record_ms: AtomicI64,
+    /// New (unacknowledged) records on the device at the last count.
+    pub device_backlog: AtomicU64,
+    /// Terminal clock minus the gateway's wall clock in the terminal's zone, in seconds.
+    pub clock_drift_secs: AtomicI64,
+    pub clock_sets: AtomicU64,
+    pub frames_rejected: AtomicU64,
+    pub garbage_bytes: AtomicU64,
+    pub realtime_records: AtomicU64,
+    pub backfilled_records: AtomicU64,
+    pub connects: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl TerminalHealth {
+    pub fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let last = self.last_record_ms.load(Ordering::Relaxed);
+        json!({
+            "connected": self.connected.load(Ordering::Relaxed),
+            "last_record_at": (last > 0).then(|| chrono::DateTime::from_timestamp_millis(last).map(|t| t.to_rfc3339())).flatten(),
+            "device_backlog": r(&self.device_backlog),
+            "clock_drift_secs": self.clock_drift_secs.load(Ordering::Relaxed),
+            "frames_rejected": r(&self.frames_rejected),
+            "realtime_records": r(&self.realtime_records),
+            "backfilled_records": r(&self.backfilled_records),
+            "last_error": self.last_error.lock().ok().and_then(|g| g.clone()),
+        })
+    }
 }
 
 /// What one sink reports about its uplink.
@@ -59,6 +106,16 @@ const SOURCES: [Source; 5] = [
 ];
 
 impl Metrics {
+    pub fn new<'a>(link_terminals: impl IntoIterator<Item = &'a str>) -> Metrics {
+        Metrics {
+            terminals: link_terminals
+                .into_iter()
+                .map(|t| (t.to_owned(), Arc::new(TerminalHealth::default())))
+                .collect(),
+            ..Metrics::default()
+        }
+    }
+
     pub fn count_received(&self, s: Source, n: u64) {
         self.received[source_index(s)].fetch_add(n, Ordering::Relaxed);
     }
@@ -163,6 +220,53 @@ impl Metrics {
             "Clockings confirmed by a sink.",
             &[("{sink=\"mqtt\"}".into(), r(&m.delivered) as f64)],
         );
+        if !self.terminals.is_empty() {
+            let per = |f: &dyn Fn(&TerminalHealth) -> f64| -> Vec<(String, f64)> {
+                self.terminals
+                    .iter()
+                    .map(|(id, t)| (format!("{{terminal=\"{id}\"}}"), f(t)))
+                    .collect()
+            };
+            metric(
+                "badgegate_terminal_connected",
+                "gauge",
+                "1 while the link to the terminal is up.",
+                &per(&|t| f64::from(u8::from(t.connected.load(Ordering::Relaxed)))),
+            );
+            metric(
+                "badgegate_terminal_last_record_timestamp_seconds",
+                "gauge",
+                "Unix time of the newest record received from the terminal (0 before the first).",
+                &per(&|t| t.last_record_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+            );
+            metric(
+                "badgegate_terminal_device_backlog",
+                "gauge",
+                "Records on the terminal not yet acknowledged by the agent, at the last count.",
+                &per(&|t| t.device_backlog.load(Ordering::Relaxed) as f64),
+            );
+            metric(
+                "badgegate_terminal_clock_drift_seconds",
+                "gauge",
+                "Terminal clock minus the gateway clock (terminal zone), at the last check.",
+                &per(&|t| t.clock_drift_secs.load(Ordering::Relaxed) as f64),
+            );
+            metric(
+                "badgegate_terminal_frames_rejected_total",
+                "counter",
+                "Frames from the terminal rejected (bad CRC, oversize length).",
+                &per(&|t| t.frames_rejected.load(Ordering::Relaxed) as f64),
+            );
+            metric(
+                "badgegate_terminal_records_total",
+                "counter",
+                "Records committed from the terminal (real-time and backfill, before deduplication).",
+                &per(&|t| {
+                    (t.realtime_records.load(Ordering::Relaxed)
+                        + t.backfilled_records.load(Ordering::Relaxed)) as f64
+                }),
+            );
+        }
         if let Some(stats) = stats {
             let pending: Vec<_> = stats
                 .sinks

@@ -20,7 +20,7 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::Backoff;
+use crate::backoff::Backoff;
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::model::Clocking;

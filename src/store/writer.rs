@@ -4,10 +4,10 @@
 //! thread. It takes everything that queued up while the previous transaction was committing and
 //! writes it in ONE transaction, so N concurrent ingests cost one fsync, not N.
 //!
-//! Durability: a transaction that holds new clockings is committed with `Durability::Immediate`
-//! (fsync'd before anyone is told "accepted"). Confirmations alone are committed with
-//! `Durability::None` and made durable by the next immediate commit or by the idle flush at most
-//! `IDLE_FLUSH` later: losing one only re-delivers (at-least-once), it can never lose a clocking.
+//! Durability: every transaction is committed with `Durability::Immediate` (fsync'd) before
+//! anyone hears of it: "accepted" means on disk, and a confirmation that was answered is never
+//! undone by a crash (which would re-deliver). Group commit keeps the fsync count at one per
+//! batch, however many requests the batch holds.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -23,8 +23,8 @@ use super::{
 };
 use crate::model::{Clocking, ClockingId};
 
-/// How long a non-durable confirmation may wait before an fsync makes it durable.
-const IDLE_FLUSH: Duration = Duration::from_millis(500);
+/// Housekeeping (forgetting expired ids) runs when the writer has been idle this long.
+const IDLE: Duration = Duration::from_millis(500);
 /// Upper bound on clockings in one transaction, to keep commit latency bounded.
 const MAX_BATCH_CLOCKINGS: usize = 20_000;
 
@@ -90,7 +90,7 @@ impl WriterHandle {
             .map_err(|_| StoreError::Stopped)
     }
 
-    /// Record confirmations and wait until they are committed (not necessarily fsync'd).
+    /// Record confirmations and wait until they are committed.
     pub async fn confirm_and_wait(&self, sink: SinkId, seqs: Vec<u64>) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -103,7 +103,7 @@ impl WriterHandle {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Make everything written so far durable.
+    /// Wait until everything sent to the writer so far is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -152,7 +152,6 @@ impl Writer {
             max_bytes,
             cached_used: None,
             committed: committed_tx,
-            dirty: false,
             last_prune: Instant::now(),
         };
         let thread = std::thread::Builder::new()
@@ -196,15 +195,13 @@ struct WriterState {
     /// (bytes in use, when measured): measuring walks the database, so it is cached briefly.
     cached_used: Option<(u64, Instant)>,
     committed: watch::Sender<u64>,
-    /// A non-durable commit happened since the last fsync.
-    dirty: bool,
     last_prune: Instant,
 }
 
 impl WriterState {
     fn run(&mut self, rx: mpsc::Receiver<Op>) {
         loop {
-            let first = match rx.recv_timeout(IDLE_FLUSH) {
+            let first = match rx.recv_timeout(IDLE) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
                     self.idle();
@@ -225,21 +222,9 @@ impl WriterState {
             }
             self.commit_batch(ops);
         }
-        // Every handle is gone: make the last confirmations durable before exiting.
-        if self.dirty {
-            if let Err(e) = self.commit_empty(Durability::Immediate) {
-                tracing::error!(error = %e, "final store flush failed");
-            }
-        }
     }
 
     fn idle(&mut self) {
-        if self.dirty {
-            match self.commit_empty(Durability::Immediate) {
-                Ok(()) => self.dirty = false,
-                Err(e) => tracing::warn!(error = %e, "store flush failed; will retry"),
-            }
-        }
         if self.last_prune.elapsed() > Duration::from_secs(3600) {
             self.last_prune = Instant::now();
             if let Err(e) = self.prune_ids() {
@@ -248,30 +233,14 @@ impl WriterState {
         }
     }
 
-    fn commit_empty(&mut self, durability: Durability) -> Result<(), StoreError> {
-        let mut txn = self
-            .store
-            .db()
-            .begin_write()
-            .map_err(StoreError::from_redb)?;
-        txn.set_durability(durability)
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        txn.commit().map_err(StoreError::from_redb)
-    }
-
     fn commit_batch(&mut self, ops: Vec<Op>) {
-        let has_ingest = ops
-            .iter()
-            .any(|op| matches!(op, Op::Ingest { .. } | Op::Flush { .. }));
         let seq_before = self.next_seq;
-        let result = self.write(&ops, has_ingest);
+        let result = self.write(&ops);
         if let Ok(mut g) = self.last_error.lock() {
             *g = result.as_ref().err().map(|e| e.to_string());
         }
         match result {
             Ok(outcomes) => {
-                // An immediate commit made every earlier non-durable one durable too.
-                self.dirty = !has_ingest;
                 let mut outcomes = outcomes.into_iter();
                 for op in ops {
                     match op {
@@ -316,7 +285,7 @@ impl WriterState {
     }
 
     /// One transaction for the whole batch. Returns the outcomes of each ingest op in order.
-    fn write(&mut self, ops: &[Op], durable: bool) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
+    fn write(&mut self, ops: &[Op]) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
         let new_clockings: usize = ops.iter().map(op_clockings).sum();
         if new_clockings > 0 {
             self.check_space(new_clockings)?;
@@ -326,12 +295,8 @@ impl WriterState {
             .db()
             .begin_write()
             .map_err(StoreError::from_redb)?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| StoreError::Io(e.to_string()))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let sinks = self.store.sinks().to_vec();
         let mut results = Vec::new();
         {

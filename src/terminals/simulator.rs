@@ -84,6 +84,8 @@ pub struct SimStats {
     pub foreign_requests: u64,
     /// Frames sent with a deliberately wrong CRC.
     pub corrupted_crcs: u64,
+    /// Clear requests swallowed by [`Simulator::block_clears`].
+    pub clears_blocked: u64,
     /// Links dropped by the idle timeout.
     pub idle_drops: u64,
     /// Records `add_record` refused because the wire cannot carry them.
@@ -120,6 +122,8 @@ struct State {
     clock_offset: TimeDelta,
     settings: Vec<u8>,
     corrupt_crcs: usize,
+    /// Clear requests are swallowed (neither applied nor answered) while set.
+    block_clears: bool,
     answer_delay: Duration,
     idle_timeout: Option<Duration>,
     links: HashMap<u64, LinkHandle>,
@@ -177,6 +181,7 @@ impl Simulator {
             clock_offset: cfg.clock_offset,
             settings: Vec::new(),
             corrupt_crcs: 0,
+            block_clears: false,
             answer_delay: Duration::ZERO,
             idle_timeout: None,
             links: HashMap::new(),
@@ -294,6 +299,20 @@ impl Simulator {
     }
 
     /// Delay before each answer (not before real-time pushes).
+    /// While `true`, clear requests (0x4E) are swallowed: not applied, not answered. Lets a test
+    /// stop an agent between "downloaded and committed" and "flags cleared".
+    pub fn block_clears(&self, block: bool) {
+        self.inner.lock().block_clears = block;
+    }
+
+    /// Send raw bytes (garbage, a truncated frame) on every open link.
+    pub fn inject_raw(&self, bytes: &[u8]) {
+        let st = self.inner.lock();
+        for link in st.links.values() {
+            let _ = link.events.send(LinkEvent::Push(bytes.to_vec()));
+        }
+    }
+
     pub fn set_answer_delay(&self, d: Duration) {
         self.inner.lock().answer_delay = d;
     }
@@ -423,6 +442,10 @@ impl Inner {
                 me = self.device_id,
                 "ignoring request for another device"
             );
+            return None;
+        }
+        if req.cmd == cmd::CLEAR_RECORDS && st.block_clears {
+            st.stats.clears_blocked += 1;
             return None;
         }
         st.stats.requests_served += 1;

@@ -478,3 +478,26 @@ impl Api {
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
 }
+
+/// Poll `cond` until it holds (the event), bounded by `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An `[[terminals]]` entry for an Anviz terminal the agent connects to.
+pub fn anviz_connect(id: &str, addr: SocketAddr, device_id: u32) -> String {
+    format!(
+        "\n[[terminals]]\nid = \"{id}\"\nkind = \"anviz\"\naddress = \"{addr}\"\ndevice_id = {device_id}\nrequest_timeout_ms = 2000\nkeepalive_secs = 1\nbackfill_interval_secs = 2\n"
+    )
+}

@@ -1,0 +1,322 @@
+//! Anviz TC-B terminal links over real TCP against the simulated terminal, with the real agent
+//! binary, its store on disk and a real Mosquitto.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use badgegate::demo::proxy::Uplink;
+use badgegate::terminals::anviz::codec::Record;
+use badgegate::terminals::simulator::{Simulator, SimulatorConfig};
+use chrono::{NaiveDate, NaiveDateTime};
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn base_time() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(2026, 6, 1)
+        .unwrap()
+        .and_hms_opt(6, 0, 0)
+        .unwrap()
+}
+
+fn record(user: u64, secs: i64, state: u8) -> Record {
+    Record {
+        user_code: user,
+        local_time: base_time() + chrono::TimeDelta::seconds(secs),
+        backup_code: 8,
+        record_type: state,
+        work_code: 0,
+    }
+}
+
+async fn simulator(device_id: u32) -> (Simulator, SocketAddr) {
+    let sim = Simulator::new(SimulatorConfig {
+        device_id,
+        ..SimulatorConfig::default()
+    });
+    let addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (sim, addr)
+}
+
+fn ids(v: &[Value]) -> Vec<String> {
+    v.iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Wait for `n` clockings from `terminal`, returning them in arrival order.
+async fn receive(sub: &mut Subscriber, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match sub.next(LONG).await {
+            Some((_, v, _)) => got.push(v),
+            None => panic!("only {} of {n} clockings arrived", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_of_10000_records_is_delivered_once_each_and_acknowledged() {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(7).await;
+    for i in 0..10_000u64 {
+        sim.add_record(record(1000 + i % 300, i as i64, (i % 2) as u8), false);
+    }
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/north").await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("north", addr, 7),
+    );
+    let api = Api::new();
+
+    let got = receive(&mut sub, 10_000).await;
+    let unique: HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(unique.len(), 10_000, "every record once");
+    let first = &got[0];
+    assert_eq!(first["source"], "anviz");
+    assert_eq!(first["terminal"], "north");
+    assert_eq!(first["badge"], "1000");
+    assert_eq!(first["occurred_at"], "2026-06-01T06:00:00+02:00");
+    assert_eq!(first["direction"], "in");
+    assert_eq!(got[1]["direction"], "out");
+
+    eventually("device new-flags cleared", LONG, || async {
+        sim.new_count() == 0
+    })
+    .await;
+    api.wait_drained(&agent, LONG).await;
+    assert_eq!(
+        api.metric(&agent, "badgegate_mqtt_published_total").await,
+        10_000.0,
+        "no duplicates"
+    );
+    assert_eq!(
+        sim.total_count(),
+        10_000,
+        "records stay on the device, only their flags are cleared"
+    );
+    let (_, health) = api.get_json(&agent, "/healthz").await;
+    assert_eq!(health["terminals"]["north"]["connected"], true);
+    assert_eq!(health["terminals"]["north"]["device_backlog"], 0);
+    assert_eq!(health["terminals"]["north"]["backfilled_records"], 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_between_download_and_clear_redownloads_without_duplicates() {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(1).await;
+    for i in 0..100u64 {
+        sim.add_record(record(500 + i, i as i64, 0), false);
+    }
+    sim.block_clears(true);
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("north", addr, 1),
+    );
+    let api = Api::new();
+
+    // The agent downloaded and committed, then asked to clear: the clear is swallowed.
+    eventually("clear attempted", LONG, || async {
+        sim.stats().clears_blocked >= 1
+    })
+    .await;
+    let first = receive(&mut sub, 100).await;
+    api.wait_drained(&agent, LONG).await;
+    assert_eq!(sim.new_count(), 100, "nothing acknowledged yet");
+    agent.kill9();
+
+    sim.block_clears(false);
+    agent.spawn();
+    eventually("device new-flags cleared after restart", LONG, || async {
+        sim.new_count() == 0
+    })
+    .await;
+    assert_eq!(
+        api.metric(&agent, "badgegate_clockings_duplicate_total")
+            .await,
+        100.0,
+        "re-downloaded, deduplicated"
+    );
+
+    // A sentinel on the same terminal: any re-published record would arrive before it.
+    let (s, b) = api
+        .post(
+            &agent,
+            &clocking("north", "sentinel", "2026-06-01T09:00:00+02:00", "in"),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let (_, next, _) = sub.next(LONG).await.unwrap();
+    assert_eq!(next["badge"], "sentinel", "no record delivered twice");
+    let mut once: HashMap<String, u32> = HashMap::new();
+    for id in ids(&first) {
+        *once.entry(id).or_default() += 1;
+    }
+    assert_eq!(once.len(), 100);
+    assert!(once.values().all(|n| *n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_push_while_the_broker_is_down_is_stored_then_delivered() {
+    let mosquitto = Mosquitto::start();
+    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let (sim, addr) = simulator(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &format!("mqtt://{}", uplink.addr()),
+        "",
+        &anviz_connect("north", addr, 3),
+    );
+    let api = Api::new();
+    sim.wait_for_links(1).await;
+    eventually("first backfill done", LONG, || async {
+        api.get_json(&agent, "/healthz").await.1["terminals"]["north"]["connected"] == true
+    })
+    .await;
+
+    uplink.set_up(false);
+    sim.add_record(record(42, 0, 0), true);
+    sim.add_record(record(43, 1, 1), true);
+    eventually("stored", LONG, || async { api.pending(&agent).await == 2 }).await;
+    eventually("acknowledged to the terminal", LONG, || async {
+        sim.new_count() == 0
+    })
+    .await;
+    assert!(sim.stats().realtime_pushes >= 2);
+
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    uplink.set_up(true);
+    let got = receive(&mut sub, 2).await;
+    assert_eq!(got[0]["badge"], "42");
+    assert_eq!(got[1]["badge"], "43");
+    api.wait_drained(&agent, LONG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bad_crc_and_truncated_frames_are_counted_and_nothing_is_lost() {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(1).await;
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("north", addr, 1),
+    );
+    let api = Api::new();
+    sim.wait_for_links(1).await;
+
+    sim.inject_raw(b"\x00\x13garbage\xff\xfe");
+    // A truncated real-time frame: header and half the record, then nothing.
+    sim.inject_raw(&[0xA5, 0, 0, 0, 1, 0xDF, 0, 0, 14, 0, 0, 0, 0, 42]);
+    sim.corrupt_next_crc(3);
+    for i in 0..20u64 {
+        sim.add_record(record(900 + i, i as i64, 0), i % 2 == 0);
+    }
+    let got = receive(&mut sub, 20).await;
+    let unique: HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(unique.len(), 20);
+    eventually("acknowledged", LONG, || async { sim.new_count() == 0 }).await;
+    assert!(
+        api.metric(&agent, "badgegate_terminal_frames_rejected_total")
+            .await
+            >= 1.0
+    );
+    let (_, health) = api.get_json(&agent, "/healthz").await;
+    assert!(
+        health["terminals"]["north"]["frames_rejected"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_initiated_mode_and_same_user_code_on_two_terminals() {
+    let mosquitto = Mosquitto::start();
+    let listen_port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], listen_port));
+    let (south, south_addr) = simulator(2).await;
+    let north = Simulator::new(SimulatorConfig {
+        device_id: 1,
+        ..SimulatorConfig::default()
+    });
+    // The same user at the same local time on both terminals.
+    north.add_record(record(42, 0, 0), false);
+    south.add_record(record(42, 0, 0), false);
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[[terminals]]\nid = \"north\"\nkind = \"anviz\"\nlisten = \"{listen}\"\ndevice_id = 1\nkeepalive_secs = 1\n{}",
+        anviz_connect("south", south_addr, 2)
+    );
+    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &extra);
+    wait_for_port(listen, Duration::from_secs(20));
+    north.connect_to(listen);
+
+    let got = receive(&mut sub, 2).await;
+    let terminals: HashSet<&str> = got
+        .iter()
+        .map(|v| v["terminal"].as_str().unwrap())
+        .collect();
+    assert_eq!(terminals, HashSet::from(["north", "south"]));
+    assert_ne!(got[0]["id"], got[1]["id"], "device-scoped identity");
+    assert_eq!(got[0]["badge"], got[1]["badge"]);
+
+    // Real-time push over the terminal-initiated link.
+    north.add_record(record(43, 60, 1), true);
+    let (_, v, _) = sub.next(LONG).await.unwrap();
+    assert_eq!(
+        (v["terminal"].as_str(), v["badge"].as_str()),
+        (Some("north"), Some("43"))
+    );
+    eventually("both acknowledged", LONG, || async {
+        north.new_count() == 0 && south.new_count() == 0
+    })
+    .await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_clock_is_set_when_it_drifts() {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(1).await;
+    sim.set_clock(base_time());
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("north", addr, 1),
+    );
+    let api = Api::new();
+    eventually("clock set", LONG, || async {
+        let now = chrono::Utc::now()
+            .with_timezone(&chrono_tz::Europe::Brussels)
+            .naive_local();
+        (sim.clock() - now).num_seconds().abs() <= 5
+    })
+    .await;
+    let (_, health) = api.get_json(&agent, "/healthz").await;
+    assert!(
+        health["terminals"]["north"]["clock_drift_secs"]
+            .as_i64()
+            .unwrap()
+            .abs()
+            <= 5
+    );
+}
