@@ -260,9 +260,12 @@ async fn terminal_initiated_mode_and_same_user_code_on_two_terminals() {
     south.add_record(record(42, 0, 0), false);
     let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
     let dir = tempfile::tempdir().unwrap();
+    // A third terminal that is switched off: it must not hold up the others.
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let extra = format!(
-        "\n[[terminals]]\nid = \"north\"\nkind = \"anviz\"\nlisten = \"{listen}\"\ndevice_id = 1\nkeepalive_secs = 1\n{}",
-        anviz_connect("south", south_addr, 2)
+        "\n[[terminals]]\nid = \"north\"\nkind = \"anviz\"\nlisten = \"{listen}\"\ndevice_id = 1\nkeepalive_secs = 1\n{}{}",
+        anviz_connect("south", south_addr, 2),
+        anviz_connect("dead", dead, 3)
     );
     let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &extra);
     wait_for_port(listen, Duration::from_secs(20));

@@ -1,8 +1,9 @@
 //! `badgegate demo`: the whole product on loopback with nothing installed.
 //!
 //! An embedded MQTT broker, the agent (real store on disk in a temporary directory, real HTTP
-//! ingest, real MQTT sink), simulated terminals feeding the ingest path, a subscriber counting
-//! what arrives, and an uplink that is cut for a while and then restored. Ends with a one-screen
+//! ingest, real MQTT sink), two simulated Anviz terminals speaking the real TC-B protocol over
+//! TCP (one in each connection mode) and an HTTP kiosk, a subscriber counting what arrives, and
+//! an uplink that is cut for a while and then restored. Ends with a one-screen
 //! summary; exits non-zero if any stored clocking was not delivered.
 
 pub mod broker;
@@ -24,15 +25,23 @@ use crate::app::Agent;
 use crate::config::Config;
 use crate::localhttp;
 use crate::store::SinkId;
+use crate::terminals::anviz::codec::Record;
+use crate::terminals::simulator::{Simulator, SimulatorConfig};
 use broker::Broker;
 use proxy::Uplink;
 
 const SITE: &str = "demo";
-const TERMINALS: [&str; 2] = ["gate-north", "gate-south"];
-/// Clockings per second per simulated terminal.
+/// Clockings per second per simulated TC-B terminal.
 const RATE: u64 = 40;
+/// Clockings per second from the HTTP kiosk.
+const KIOSK_RATE: u64 = 5;
 
-fn demo_config(data_dir: &std::path::Path, mqtt: SocketAddr) -> anyhow::Result<Config> {
+fn demo_config(
+    data_dir: &std::path::Path,
+    mqtt: SocketAddr,
+    north: SocketAddr,
+    south_listen: SocketAddr,
+) -> anyhow::Result<Config> {
     let text = format!(
         r#"
 [agent]
@@ -52,17 +61,30 @@ reconnect_max_ms = 1000
 [[zones]]
 name = "production"
 
+# A TC-B terminal the agent connects to.
 [[terminals]]
 id = "gate-north"
-kind = "http"
+kind = "anviz"
+address = "{north}"
+device_id = 1
 zone_from = "outside"
 zone_to = "production"
+keepalive_secs = 2
+backfill_interval_secs = 2
 
+# A TC-B terminal that connects to the agent (needed for real-time push through NAT/firewalls).
 [[terminals]]
 id = "gate-south"
+kind = "anviz"
+listen = "{south_listen}"
+device_id = 2
+keepalive_secs = 2
+backfill_interval_secs = 2
+
+# A terminal that pushes over HTTP.
+[[terminals]]
+id = "kiosk"
 kind = "http"
-timezone = "Europe/Brussels"
-direction = "out"
 "#,
         data_dir.display()
     );
@@ -86,9 +108,23 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let uplink = Uplink::start(broker.local_addr())
         .await
         .context("starting the uplink relay")?;
-    let config = demo_config(dir.path(), uplink.addr())?;
+    let north = Simulator::new(SimulatorConfig {
+        device_id: 1,
+        ..SimulatorConfig::default()
+    });
+    let north_addr = north
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("starting the simulated terminal gate-north")?;
+    let south_listen = free_loopback_addr().context("finding a port for gate-south")?;
+    let config = demo_config(dir.path(), uplink.addr(), north_addr, south_listen)?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let api = agent.http_addr();
+    let south = Simulator::new(SimulatorConfig {
+        device_id: 2,
+        ..SimulatorConfig::default()
+    });
+    south.connect_to(south_listen);
 
     let arrivals = Arc::new(Arrivals::default());
     let subscriber = subscribe(broker.local_addr(), arrivals.clone()).await?;
@@ -101,8 +137,13 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         agent.store().path().display()
     );
     println!(
-        "  {} simulated terminals at {RATE} clockings/s each; the uplink is cut from {}s to {}s\n",
-        TERMINALS.len(),
+        "  TC-B terminals gate-north (agent connects to {north_addr}) and gate-south (connects to the agent at {south_listen}),"
+    );
+    println!(
+        "  {RATE} clockings/s each, real-time push; HTTP kiosk at {KIOSK_RATE}/s, re-sending now and then"
+    );
+    println!(
+        "  the uplink to the broker is cut from {}s to {}s\n",
         duration.as_secs() / 3,
         2 * duration.as_secs() / 3
     );
@@ -111,18 +152,27 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let reposted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut terminals = Vec::new();
-    for (i, t) in TERMINALS.iter().enumerate() {
-        terminals.push(tokio::spawn(simulate_terminal(
+    let terminals = vec![
+        tokio::spawn(simulate_tcb(
+            north.clone(),
+            0,
+            generated.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(simulate_tcb(
+            south.clone(),
+            1,
+            generated.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(simulate_kiosk(
             api,
-            t,
-            i as u64,
             generated.clone(),
             reposted.clone(),
             refused.clone(),
             stop_rx.clone(),
-        )));
-    }
+        )),
+    ];
 
     let start = Instant::now();
     let outage_at = duration / 3;
@@ -149,12 +199,14 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         max_backlog = max_backlog.max(backlog);
         let stored = agent.metrics().stored.load(Ordering::Relaxed);
         let delivered = arrivals.ids.lock().map(|s| s.len() as u64).unwrap_or(0);
+        let on_devices = north.new_count() + south.new_count();
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             println!(
-                "  t={:>3}s  generated {:>6}  stored {:>6}  delivered {:>6}  backlog {:>6}  uplink {}",
+                "  t={:>3}s  generated {:>5}  on terminals {:>4}  stored {:>5}  delivered {:>5}  backlog {:>5}  uplink {}",
                 elapsed.as_secs(),
                 generated.load(Ordering::Relaxed),
+                on_devices,
                 stored,
                 delivered,
                 backlog,
@@ -162,7 +214,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             );
         }
         if let Some(at) = restored_at {
-            if backlog == 0 && delivered >= stored {
+            if backlog == 0 && delivered >= stored && on_devices == 0 {
                 drained_in = Some(at.elapsed());
                 break;
             }
@@ -180,8 +232,11 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let delivered = arrivals.ids.lock().map(|s| s.len() as u64).unwrap_or(0);
     let redelivered = arrivals.redelivered.load(Ordering::Relaxed);
     let bad = arrivals.bad_payloads.load(Ordering::Relaxed);
+    let device_backlog = north.new_count() + south.new_count();
     agent.shutdown().await;
     subscriber.abort();
+    north.stop().await;
+    south.stop().await;
     broker.shutdown().await;
 
     println!();
@@ -191,7 +246,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         generated.load(Ordering::Relaxed)
     );
     println!(
-        "  │ re-sent by terminals (deduplicated)   {:>16} │",
+        "  │ duplicates removed at ingest          {:>16} │",
         ingest_duplicates
     );
     println!("  │ stored durably                        {:>16} │", stored);
@@ -217,6 +272,10 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     println!(
         "  │ refused by the agent                  {:>16} │",
         refused.load(Ordering::Relaxed)
+    );
+    println!(
+        "  │ unacknowledged on the terminals       {:>16} │",
+        device_backlog
     );
     println!("  └─────────────────────────────────────────────────────────┘");
     if bad > 0 {
@@ -247,18 +306,47 @@ async fn pending(agent: &Agent) -> u64 {
         .unwrap_or(0)
 }
 
+/// A TC-B terminal: a badge presented every 1/RATE s, stored on the device and pushed in real
+/// time. The agent commits each record and then clears its new-flag on the device.
+async fn simulate_tcb(
+    sim: Simulator,
+    seed: u64,
+    generated: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        n += 1;
+        let local = Utc::now()
+            .with_timezone(&chrono_tz::Europe::Brussels)
+            .naive_local();
+        let record = Record {
+            user_code: 1000 + (seed * 7919 + n * 7) % 400,
+            local_time: local,
+            backup_code: 8,
+            record_type: (n % 2) as u8,
+            work_code: 0,
+        };
+        sim.add_record(record, true);
+        generated.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A terminal pushing clockings to the ingest API; now and then it re-sends one (as terminals do
 /// when they miss an answer), which the store deduplicates.
-async fn simulate_terminal(
+async fn simulate_kiosk(
     api: SocketAddr,
-    terminal: &'static str,
-    seed: u64,
     generated: Arc<AtomicU64>,
     reposted: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / KIOSK_RATE));
     let mut last: Option<Vec<u8>> = None;
     let mut n = 0u64;
     loop {
@@ -267,16 +355,14 @@ async fn simulate_terminal(
             _ = stop.wait_for(|s| *s) => return,
         }
         let (body, fresh) = match &last {
-            Some(prev) if rand::rng().random_ratio(1, 20) => (prev.clone(), false),
+            Some(prev) if rand::rng().random_ratio(1, 5) => (prev.clone(), false),
             _ => {
                 n += 1;
-                let badge = 1000 + (seed * 7919 + n * 104_729) % 400;
-                let direction = if n.is_multiple_of(2) { "in" } else { "out" };
                 let body = serde_json::json!({
-                    "terminal": terminal,
-                    "badge": badge.to_string(),
+                    "terminal": "kiosk",
+                    "badge": (5000 + n % 50).to_string(),
                     "occurred_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    "direction": direction,
+                    "direction": if n.is_multiple_of(2) { "in" } else { "out" },
                 });
                 (serde_json::to_vec(&body).unwrap_or_default(), true)
             }
@@ -303,6 +389,10 @@ async fn simulate_terminal(
             }
         }
     }
+}
+
+fn free_loopback_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?.local_addr()
 }
 
 /// A plant-network subscriber: counts distinct ids and re-deliveries, checks payload fields.

@@ -220,6 +220,8 @@ impl AnvizLink {
         let timing = self.term.link;
         self.sync_clock(conn).await?;
         let mut backfill_due = true;
+        // Real-time records committed since the last clear; they still carry their new-flag.
+        let mut unacked_pushes = 0usize;
         let mut keepalive = tokio::time::interval(timing.keepalive);
         let mut backfill_tick = tokio::time::interval(timing.backfill_interval);
         let mut clock_tick = tokio::time::interval(timing.clock_sync_interval);
@@ -230,7 +232,7 @@ impl AnvizLink {
         loop {
             if backfill_due {
                 backfill_due = false;
-                match self.backfill(conn).await {
+                match self.acknowledge(conn, &mut unacked_pushes).await {
                     Ok(_) => {}
                     // The store refused: leave the records on the device, retry later.
                     Err(LinkError::Store(e)) => {
@@ -251,6 +253,7 @@ impl AnvizLink {
                     match self.commit(records).await {
                         Ok(()) => {
                             self.health.realtime_records.fetch_add(n, Ordering::Relaxed);
+                            unacked_pushes += n as usize;
                         }
                         Err(e) => {
                             tracing::warn!(terminal = %self.term.id, error = %e, "real-time records not stored; they stay on the terminal for backfill");
@@ -277,6 +280,34 @@ impl AnvizLink {
             .device_backlog
             .store(u64::from(counts.new_records), Ordering::Relaxed);
         Ok(counts)
+    }
+
+    /// Bring the device's new-flags to zero. When the only new records are the real-time ones
+    /// already committed, they are exactly the N oldest new records, so clearing N acknowledges
+    /// them without downloading them again. Anything else (records made while the link was down,
+    /// a push lost to a bad frame) takes the full download-commit-clear path.
+    async fn acknowledge(
+        &self,
+        conn: &mut Conn,
+        unacked_pushes: &mut usize,
+    ) -> Result<usize, LinkError> {
+        if *unacked_pushes > 0 {
+            let counts = self.counts(conn).await?;
+            if counts.new_records as usize == *unacked_pushes {
+                let n = *unacked_pushes;
+                conn.ok(
+                    cmd::CLEAR_RECORDS,
+                    ClearRequest::NewFlags(n as u32).encode()?.to_vec(),
+                )
+                .await?;
+                *unacked_pushes = 0;
+                self.health.device_backlog.store(0, Ordering::Relaxed);
+                return Ok(n);
+            }
+        }
+        let n = self.backfill(conn).await?;
+        *unacked_pushes = 0;
+        Ok(n)
     }
 
     /// Download, commit, then acknowledge, round after round until the device has nothing new.
