@@ -237,21 +237,40 @@ impl Clocking {
 
     /// The MQTT payload of the contract.
     pub fn to_json(&self) -> Vec<u8> {
-        let payload = serde_json::json!({
-            "id": self.id.to_string(),
-            "site": self.site,
-            "terminal": self.terminal,
-            "badge": self.badge,
-            "person": self.person,
-            "occurred_at": self.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
-            "date": self.date().format("%Y-%m-%d").to_string(),
-            "time_of_day_minutes": self.time_of_day_minutes(),
-            "direction": self.direction.as_str(),
-            "status": self.status.as_str(),
-            "source": self.source.as_str(),
-            "received_at": self.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        });
-        // Serialising a json! value cannot fail.
+        #[derive(Serialize)]
+        struct Payload<'a> {
+            id: String,
+            site: &'a str,
+            terminal: &'a str,
+            badge: &'a str,
+            person: Option<&'a str>,
+            occurred_at: String,
+            date: String,
+            time_of_day_minutes: u16,
+            direction: &'static str,
+            status: &'static str,
+            source: &'static str,
+            received_at: String,
+        }
+        let payload = Payload {
+            id: self.id.to_string(),
+            site: &self.site,
+            terminal: &self.terminal,
+            badge: &self.badge,
+            person: self.person.as_deref(),
+            occurred_at: self
+                .occurred_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+            date: self.date().format("%Y-%m-%d").to_string(),
+            time_of_day_minutes: self.time_of_day_minutes(),
+            direction: self.direction.as_str(),
+            status: self.status.as_str(),
+            source: self.source.as_str(),
+            received_at: self
+                .received_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        // Serialising plain strings and integers cannot fail.
         serde_json::to_vec(&payload).unwrap_or_default()
     }
 }

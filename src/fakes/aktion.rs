@@ -596,7 +596,7 @@ impl Route {
 /// Accepts only application/json (XML is documented but not served here): `Accept` must allow
 /// JSON, and a `Content-Type` (always present with a body) must be JSON.
 fn media_ok(req: &FakeRequest) -> bool {
-    let accept_ok = req.header("accept").map_or(true, |a| {
+    let accept_ok = req.header("accept").is_none_or(|a| {
         a.split(',').any(|part| {
             let mt = part
                 .split(';')
@@ -903,8 +903,8 @@ fn scheduled_shift(st: &State, params: &Params) -> Result<Response, Box<Response
         .iter()
         .filter(|s| s.person_id == person_id)
         // Overlap, both ends inclusive: a night shift 22:00-06:00 belongs to both days.
-        .filter(|s| from.map_or(true, |f| s.end >= f) && to.map_or(true, |t| s.begin <= t))
-        .filter(|s| changed.map_or(true, |c| s.time_last_change >= c))
+        .filter(|s| from.is_none_or(|f| s.end >= f) && to.is_none_or(|t| s.begin <= t))
+        .filter(|s| changed.is_none_or(|c| s.time_last_change >= c))
         .collect();
     if shifts.is_empty() {
         return Err(Box::new(error(
@@ -969,7 +969,7 @@ fn hw_events(st: &State, params: &Params) -> Result<Response, Box<Response>> {
         .events
         .iter()
         .filter(|(_, e)| e.hw_structure_id == c4.hw_structure_id)
-        .filter(|(_, e)| last_sync.map_or(true, |l| e.date_created > l))
+        .filter(|(_, e)| last_sync.is_none_or(|l| e.date_created > l))
         .collect();
     events.sort_by_key(|(id, e)| (e.date_created, *id));
     let newest = events
@@ -1033,9 +1033,9 @@ fn passes(st: &State, params: &Params, by_person: bool) -> Result<Response, Box<
         .events
         .iter()
         .map(|(_, e)| e)
-        .filter(|e| person.map_or(true, |p| e.owner_id.as_deref() == Some(p)))
-        .filter(|e| sensor.map_or(true, |s| e.hw_structure_id == s))
-        .filter(|e| from.map_or(true, |f| e.date >= f) && to.map_or(true, |t| e.date <= t))
+        .filter(|e| person.is_none_or(|p| e.owner_id.as_deref() == Some(p)))
+        .filter(|e| sensor.is_none_or(|s| e.hw_structure_id == s))
+        .filter(|e| from.is_none_or(|f| e.date >= f) && to.is_none_or(|t| e.date <= t))
         .filter_map(|e| {
             st.c4s
                 .iter()

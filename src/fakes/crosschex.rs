@@ -387,7 +387,7 @@ impl Vendor for CrossChexControl {
             "requestId",
             "timestamp",
         ] {
-            if h[field].as_str().map_or(true, |s| s.trim().is_empty()) {
+            if h[field].as_str().is_none_or(|s| s.trim().is_empty()) {
                 return exception(shape, "MISS_PARAM", &format!("header.{field} is required"));
             }
         }
@@ -528,7 +528,7 @@ fn get_record(st: &mut State, header: Header<'_>, v: &Value) -> Response {
         .records
         .iter()
         .filter(|s| (begin..=end).contains(&s.record.checktime))
-        .filter(|s| workno.map_or(true, |w| s.record.workno == w))
+        .filter(|s| workno.is_none_or(|w| s.record.workno == w))
         .collect();
     matching.sort_by_key(|s| (s.record.checktime, s.seq));
     if desc {
@@ -575,7 +575,7 @@ fn record_json(s: &Stored, mode: UuidMode) -> Value {
     let with_uuid = match mode {
         UuidMode::Always => true,
         UuidMode::Never => false,
-        UuidMode::Alternate => s.seq % 2 == 0,
+        UuidMode::Alternate => s.seq.is_multiple_of(2),
     };
     if let (true, Value::Object(o)) = (with_uuid, &mut v) {
         o.insert("uuid".into(), Value::String(s.uuid.clone()));

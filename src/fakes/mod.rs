@@ -191,7 +191,7 @@ impl Wire {
         let idx = st
             .rules
             .iter()
-            .position(|r| !matches!(r.endpoint, Some(e) if e != endpoint))?;
+            .position(|r| r.endpoint.is_none_or(|e| e == endpoint))?;
         let rule = &mut st.rules[idx];
         rule.remaining -= 1;
         let fault = rule.fault.clone();

@@ -238,9 +238,9 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, date: NaiveDate, person: i64) -> bool {
-        self.from.map_or(true, |from| from <= date)
-            && self.to.map_or(true, |to| date <= to)
-            && self.persons.as_ref().map_or(true, |p| p.contains(&person))
+        self.from.is_none_or(|from| from <= date)
+            && self.to.is_none_or(|to| date <= to)
+            && self.persons.as_ref().is_none_or(|p| p.contains(&person))
     }
 }
 
@@ -834,7 +834,7 @@ impl Vendor for ProtimeControl {
         // "Every request MUST send User-Agent: Service/Version (Company)".
         if req
             .header("user-agent")
-            .map_or(true, |ua| ua.trim().is_empty())
+            .is_none_or(|ua| ua.trim().is_empty())
         {
             return bad_request(
                 "MissingUserAgent",
@@ -1355,7 +1355,7 @@ fn page(
             .filter(|p| {
                 super::parse_pairs(p)
                     .first()
-                    .map_or(true, |(k, _)| k != "continuationToken")
+                    .is_none_or(|(k, _)| k != "continuationToken")
             })
             .collect();
         let mut link = format!("{}?", req.path);

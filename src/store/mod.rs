@@ -33,6 +33,7 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub(crate) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// A destination that must confirm every clocking before it may leave the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -144,7 +145,12 @@ impl Store {
             ))
         })?;
         let path = data_dir.join(Self::FILE_NAME);
-        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+        // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
+        // come from the OS page cache, and the hot part (the outbox head) stays cached.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_error(&path, e))?;
         let store = Store {
             db,
             path,
