@@ -346,6 +346,27 @@ impl Config {
     }
 }
 
+/// Every config key the agent reads, as `section.key` (`terminals[].key` for array tables),
+/// taken from the structs the file is read into. docs/config.md must list exactly these.
+pub fn known_keys() -> Vec<String> {
+    use crate::config_keys::fields_of;
+    let sections: [(&str, Vec<&str>); 9] = [
+        ("agent", fields_of::<RawAgent>()),
+        ("http", fields_of::<RawHttp>()),
+        ("mqtt", fields_of::<RawMqtt>()),
+        ("terminals[]", fields_of::<RawTerminal>()),
+        ("access", fields_of::<RawAccess>()),
+        ("zones[]", fields_of::<RawZone>()),
+        ("sinks.protime", fields_of::<RawProtime>()),
+        ("sources.crosschex", fields_of::<RawCrossChex>()),
+        ("sources.aktion", fields_of::<RawAktion>()),
+    ];
+    sections
+        .into_iter()
+        .flat_map(|(section, fields)| fields.into_iter().map(move |f| format!("{section}.{f}")))
+        .collect()
+}
+
 // ---- raw forms: exactly the TOML keys, all optional so that validation can name what is missing.
 
 #[derive(Deserialize, Default)]

@@ -16,6 +16,7 @@
 pub mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -126,7 +127,8 @@ pub struct SinkStats {
 
 /// The durable store. Cheap to share behind an `Arc`; reads run on the caller's thread.
 pub struct Store {
-    db: Database,
+    /// Shared by every reader and the writer; taken exclusively only to compact the file.
+    db: RwLock<Database>,
     path: PathBuf,
     sinks: Vec<SinkId>,
 }
@@ -152,7 +154,7 @@ impl Store {
             .create(&path)
             .map_err(|e| open_error(&path, e))?;
         let store = Store {
-            db,
+            db: RwLock::new(db),
             path,
             sinks: sinks.to_vec(),
         };
@@ -161,7 +163,8 @@ impl Store {
     }
 
     fn init_tables(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(StoreError::from_redb)?;
+        let db = self.db();
+        let txn = db.begin_write().map_err(StoreError::from_redb)?;
         {
             txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
             txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -229,8 +232,48 @@ impl Store {
         &self.sinks
     }
 
-    pub(crate) fn db(&self) -> &Database {
-        &self.db
+    /// The database, for one transaction: hold the guard as long as the transaction.
+    pub(crate) fn db(&self) -> RwLockReadGuard<'_, Database> {
+        // With panic = abort a poisoned lock cannot be observed; in tests, carry on.
+        self.db.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Give freed space back to the file system. redb reuses freed pages but never returns them,
+    /// so after a large backlog drained the file keeps its peak size. Compaction takes the
+    /// database exclusively (ingest waits, nothing is lost), so it runs only when the outbox is
+    /// empty and at least half of a file of `min_bytes` or more is free. Returns (before, after).
+    pub fn compact_if_worthwhile(&self, min_bytes: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        let before = file_len(&self.path);
+        if before < min_bytes {
+            return Ok(None);
+        }
+        {
+            let db = self.db();
+            // Cheap test first: the outbox length is kept in the tree root.
+            let read = db.begin_read().map_err(StoreError::from_redb)?;
+            let empty = read
+                .open_table(OUTBOX)
+                .map_err(StoreError::from_redb)?
+                .is_empty()
+                .map_err(StoreError::from_redb)?;
+            if !empty {
+                return Ok(None);
+            }
+            drop(read);
+            // Measuring what is in use walks the trees: only now.
+            let txn = db.begin_write().map_err(StoreError::from_redb)?;
+            let stats = txn.stats().map_err(StoreError::from_redb)?;
+            let used = stats.allocated_pages() * stats.page_size() as u64;
+            txn.abort().map_err(StoreError::from_redb)?;
+            if used * 2 > before {
+                return Ok(None);
+            }
+        }
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        db.compact()
+            .map_err(|e| StoreError::Io(format!("compaction failed: {e}")))?;
+        drop(db);
+        Ok(Some((before, file_len(&self.path))))
     }
 
     /// Up to `limit` clockings pending for `sink` with seq > `after`, in arrival order.
@@ -240,7 +283,8 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Clocking)>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let pending = txn
             .open_table(sink.table())
             .map_err(StoreError::from_redb)?;
@@ -267,7 +311,8 @@ impl Store {
 
     /// Pending counts, oldest pending age and store size.
     pub fn stats(&self) -> Result<QueueStats, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
         let now = Utc::now();
         let mut sinks = Vec::new();
@@ -298,7 +343,8 @@ impl Store {
 
     /// Read a small state value (watermarks, tokens, …) written through the writer.
     pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
         Ok(t.get(key)
             .map_err(StoreError::from_redb)?
@@ -307,7 +353,8 @@ impl Store {
 
     /// Is a clocking with this id stored or remembered?
     pub fn contains_id(&self, id: &crate::model::ClockingId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::from_redb)?;
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(IDS).map_err(StoreError::from_redb)?;
         Ok(t.get(id.0).map_err(StoreError::from_redb)?.is_some())
     }

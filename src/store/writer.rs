@@ -25,6 +25,10 @@ use crate::model::{Clocking, ClockingId};
 
 /// Housekeeping (forgetting expired ids) runs when the writer has been idle this long.
 const IDLE: Duration = Duration::from_millis(500);
+/// Files smaller than this are not worth compacting.
+const COMPACT_MIN_BYTES: u64 = 32 * 1024 * 1024;
+/// How often an idle writer considers compacting the file.
+const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Upper bound on clockings in one transaction, to keep commit latency bounded.
 const MAX_BATCH_CLOCKINGS: usize = 20_000;
 
@@ -153,6 +157,7 @@ impl Writer {
             cached_used: None,
             committed: committed_tx,
             last_prune: Instant::now(),
+            last_compact_check: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -178,7 +183,8 @@ impl Writer {
 
 fn read_next_seq(store: &Store) -> Result<u64, StoreError> {
     use redb::ReadableDatabase;
-    let txn = store.db().begin_read().map_err(StoreError::from_redb)?;
+    let db = store.db();
+    let txn = db.begin_read().map_err(StoreError::from_redb)?;
     let meta = txn.open_table(META).map_err(StoreError::from_redb)?;
     Ok(meta
         .get(META_NEXT_SEQ)
@@ -196,6 +202,7 @@ struct WriterState {
     cached_used: Option<(u64, Instant)>,
     committed: watch::Sender<u64>,
     last_prune: Instant,
+    last_compact_check: Instant,
 }
 
 impl WriterState {
@@ -225,6 +232,20 @@ impl WriterState {
     }
 
     fn idle(&mut self) {
+        if self.last_compact_check.elapsed() > COMPACT_CHECK_EVERY {
+            self.last_compact_check = Instant::now();
+            match self.store.compact_if_worthwhile(COMPACT_MIN_BYTES) {
+                Ok(Some((before, after))) => {
+                    tracing::info!(
+                        before_bytes = before,
+                        after_bytes = after,
+                        "store compacted after the backlog drained"
+                    )
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "store compaction failed; will retry"),
+            }
+        }
         if self.last_prune.elapsed() > Duration::from_secs(3600) {
             self.last_prune = Instant::now();
             if let Err(e) = self.prune_ids() {
@@ -290,11 +311,8 @@ impl WriterState {
         if new_clockings > 0 {
             self.check_space(new_clockings)?;
         }
-        let mut txn = self
-            .store
-            .db()
-            .begin_write()
-            .map_err(StoreError::from_redb)?;
+        let db = self.store.db();
+        let mut txn = db.begin_write().map_err(StoreError::from_redb)?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let sinks = self.store.sinks().to_vec();
@@ -397,11 +415,8 @@ impl WriterState {
         let used = match self.cached_used {
             Some((used, at)) if at.elapsed() < Duration::from_secs(2) => used,
             _ => {
-                let txn = self
-                    .store
-                    .db()
-                    .begin_write()
-                    .map_err(StoreError::from_redb)?;
+                let db = self.store.db();
+                let txn = db.begin_write().map_err(StoreError::from_redb)?;
                 let stats = txn.stats().map_err(StoreError::from_redb)?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
                 txn.abort().map_err(StoreError::from_redb)?;
@@ -420,11 +435,8 @@ impl WriterState {
     /// Forget ids whose dedupe window has passed, unless their clocking is still undelivered.
     fn prune_ids(&mut self) -> Result<(), StoreError> {
         let now = Utc::now().timestamp().max(0) as u64;
-        let txn = self
-            .store
-            .db()
-            .begin_write()
-            .map_err(StoreError::from_redb)?;
+        let db = self.store.db();
+        let txn = db.begin_write().map_err(StoreError::from_redb)?;
         {
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -571,6 +583,47 @@ mod tests {
         });
         assert!(matches!(err, StoreError::Full(_)), "{err}");
         assert_eq!(store.stats().unwrap().clockings_stored, accepted);
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn drained_store_is_compacted_only_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        let seqs = rt().block_on(async {
+            for i in 0..40u32 {
+                let batch: Vec<_> = (0..250).map(|j| clocking(&format!("{i}-{j}"), 0)).collect();
+                h.ingest(batch, vec![]).await.unwrap();
+            }
+            store
+                .pending(SinkId::Mqtt, None, 20_000)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(
+            store.compact_if_worthwhile(0).unwrap(),
+            None,
+            "not while clockings are pending"
+        );
+        rt().block_on(h.confirm_and_wait(SinkId::Mqtt, seqs))
+            .unwrap();
+        let (before, after) = store.compact_if_worthwhile(0).unwrap().expect("compacted");
+        assert!(after * 2 < before, "{before} -> {after}");
+        // Still usable, ids still remembered.
+        rt().block_on(async {
+            let out = h
+                .ingest(vec![clocking("0-0", 0), clocking("new", 0)], vec![])
+                .await
+                .unwrap();
+            assert_eq!(
+                out.iter().map(|o| o.stored).collect::<Vec<_>>(),
+                vec![false, true]
+            );
+        });
         drop(h);
         writer.join();
     }
