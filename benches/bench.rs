@@ -82,10 +82,10 @@ fn item(tag: &str, i: usize) -> Value {
     let day = 1 + (i / 86_400) % 28;
     let s = i % 86_400;
     json!({
-        "terminal": if i % 2 == 0 { "gate-1" } else { "gate-2" },
+        "terminal": if i.is_multiple_of(2) { "gate-1" } else { "gate-2" },
         "badge": format!("{tag}{}", i % 5000),
         "occurred_at": format!("2026-02-{day:02}T{:02}:{:02}:{:02}+01:00", s / 3600, s / 60 % 60, s % 60),
-        "direction": if i % 2 == 0 { "in" } else { "out" },
+        "direction": if i.is_multiple_of(2) { "in" } else { "out" },
     })
 }
 
