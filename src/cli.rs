@@ -35,6 +35,14 @@ pub enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// A running agent at a glance: uplink, terminals, sinks, store (asks its local API).
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print the agent's health document as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the durable queue.
     Queue {
         #[command(subcommand)]

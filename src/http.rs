@@ -343,6 +343,9 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             "error": store_error.or_else(|| stats.as_ref().err().map(|e| e.to_string())),
         },
     });
+    body["delivered"] = json!({
+        "mqtt": m.delivered.load(std::sync::atomic::Ordering::Relaxed),
+    });
     if st.config.mqtt.is_some() {
         body["mqtt"] = json!({
             "connected": m.connected.load(std::sync::atomic::Ordering::Relaxed),

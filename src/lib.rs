@@ -18,5 +18,6 @@ pub mod localhttp;
 pub mod metrics;
 pub mod model;
 pub mod sinks;
+pub mod status;
 pub mod store;
 pub mod terminals;

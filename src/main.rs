@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             })
         }
         Command::CheckConfig { config } => check_config(&config),
+        Command::Status { config, json } => status(&config, json),
         Command::Queue {
             command: QueueCommand::Stats { config, json },
         } => queue_stats(&config, json),
@@ -200,69 +201,96 @@ fn print_stats(s: &QueueStats) {
     println!("store    {}", s.store_path.display());
     println!(
         "size     {}   clockings held: {}",
-        human_bytes(s.store_bytes),
+        badgegate::status::human_bytes(s.store_bytes),
         s.clockings_stored
     );
     println!("{:<10} {:>10}  oldest pending", "sink", "pending");
     for k in &s.sinks {
         let age = k
             .oldest_pending_age_secs
-            .map_or_else(|| "-".to_owned(), human_secs);
+            .map_or_else(|| "-".to_owned(), badgegate::status::human_secs);
         println!("{:<10} {:>10}  {}", k.sink, k.pending, age);
     }
 }
 
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
-
-fn human_secs(s: f64) -> String {
-    let s = s as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-/// A minimal HTTP/1.1 GET of the agent's `/v1/queue/stats` (no HTTP client dependency needed
-/// for one local request).
-fn stats_from_agent(config: &Config) -> Result<QueueStats, String> {
-    use std::io::{Read, Write};
+/// The agent's local API address from its config (a wildcard listen address is reached on loopback).
+fn api_addr(config: &Config) -> std::net::SocketAddr {
     let mut addr = config.http.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let unreachable = |e: std::io::Error| {
-        format!("the store is locked by a running agent, and its API at {addr} did not answer: {e}")
-    };
-    let mut conn =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(unreachable)?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(unreachable)?;
-    write!(
-        conn,
-        "GET /v1/queue/stats HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(unreachable)?;
-    let mut response = Vec::new();
-    conn.read_to_end(&mut response).map_err(unreachable)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("the agent sent an incomplete answer")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "the agent answered {}",
-            head.lines().next().unwrap_or("")
-        ));
+    addr
+}
+
+/// GET a JSON document from the running agent's local API.
+fn get_from_agent(config: &Config, path: &str) -> Result<serde_json::Value, String> {
+    let addr = api_addr(config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (status, body) = rt
+        .block_on(badgegate::localhttp::request(
+            addr,
+            "GET",
+            path,
+            None,
+            Duration::from_secs(10),
+        ))
+        .map_err(|e| {
+            format!("the agent's API at {addr} did not answer ({e}); is the agent running?")
+        })?;
+    let value = serde_json::from_str(&body)
+        .map_err(|e| format!("the agent at {addr} sent something that is not JSON: {e}"))?;
+    // /healthz answers 503 with a full document when the store is not writable.
+    if status != 200 && !(path == "/healthz" && status == 503) {
+        return Err(format!("the agent at {addr} answered {status}"));
     }
-    serde_json::from_str(body).map_err(|e| format!("the agent's answer is not queue stats: {e}"))
+    Ok(value)
+}
+
+fn stats_from_agent(config: &Config) -> Result<QueueStats, String> {
+    let v = get_from_agent(config, "/v1/queue/stats")
+        .map_err(|e| format!("the store is locked by a running agent, and {e}"))?;
+    serde_json::from_value(v).map_err(|e| format!("the agent's answer is not queue stats: {e}"))
+}
+
+fn status(path: &Path, json: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let first = match get_from_agent(&config, "/healthz") {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("badgegate: {e}");
+            return ExitCode::from(EXIT_IO);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&first).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    // Delivery rates: the confirmed count over one second.
+    let delivered = |h: &serde_json::Value| h["delivered"].as_object().cloned().unwrap_or_default();
+    let before = delivered(&first);
+    std::thread::sleep(Duration::from_secs(1));
+    let rates: Vec<(String, f64)> = match get_from_agent(&config, "/healthz") {
+        Ok(second) => delivered(&second)
+            .iter()
+            .map(|(k, v)| {
+                let was = before.get(k).and_then(|b| b.as_u64()).unwrap_or(0);
+                (
+                    k.clone(),
+                    v.as_u64().unwrap_or(0).saturating_sub(was) as f64,
+                )
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    println!("{}", badgegate::status::render(&first, &rates));
+    ExitCode::SUCCESS
 }

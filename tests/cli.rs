@@ -152,3 +152,59 @@ fn queue_stats_without_a_store_is_an_io_error() {
     assert_eq!(o.status.code(), Some(74));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no store at"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_every_section_of_a_running_agent_in_80_columns() {
+    let mosquitto = Mosquitto::start();
+    let sim = badgegate::terminals::simulator::Simulator::new(Default::default());
+    let sim_addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("gate-north", sim_addr, 1),
+    );
+    let api = Api::new();
+    api.wait_connected(&agent, std::time::Duration::from_secs(30))
+        .await;
+    sim.wait_for_links(1).await;
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+
+    let o = tokio::task::spawn_blocking(move || run(&["status", "--config", &cfg]))
+        .await
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = stdout(&o);
+    for section in [
+        "store",
+        "uplink",
+        "sinks",
+        "terminals",
+        "gate-north",
+        "dead",
+    ] {
+        assert!(out.contains(section), "{section} missing:\n{out}");
+    }
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+    let o = tokio::task::spawn_blocking(move || run(&["status", "--config", &cfg, "--json"]))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mqtt"]["connected"], true);
+    assert!(v["terminals"]["gate-north"].is_object());
+
+    // No agent: a clear error and exit 74.
+    drop(agent);
+    let cfg = dir.path().join("badgegate.toml");
+    let o = run(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(74));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is the agent running?"));
+}

@@ -372,6 +372,19 @@ impl WriterState {
                         let Some(idx) = sinks.iter().position(|s| s == sink) else {
                             continue;
                         };
+                        if sinks.len() == 1 {
+                            // The only sink: a contiguous run of confirmed seqs leaves both tables
+                            // as one range removal (a cursor pass, not one descent per key).
+                            for (lo, hi) in runs(seqs) {
+                                pending[idx]
+                                    .retain_in(lo..=hi, |_, _| false)
+                                    .map_err(StoreError::from_redb)?;
+                                outbox
+                                    .retain_in(lo..=hi, |_, _| false)
+                                    .map_err(StoreError::from_redb)?;
+                            }
+                            continue;
+                        }
                         for &seq in seqs {
                             pending[idx].remove(seq).map_err(StoreError::from_redb)?;
                             let mut elsewhere = false;
@@ -462,6 +475,21 @@ impl WriterState {
         }
         txn.commit().map_err(StoreError::from_redb)
     }
+}
+
+/// Sorted, de-duplicated seqs as inclusive runs of consecutive numbers.
+fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for s in sorted {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
 }
 
 fn op_clockings(op: &Op) -> usize {
@@ -583,6 +611,49 @@ mod tests {
         });
         assert!(matches!(err, StoreError::Full(_)), "{err}");
         assert_eq!(store.stats().unwrap().clockings_stored, accepted);
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn confirmed_seqs_become_runs() {
+        assert_eq!(runs(&[5, 3, 4, 9, 10, 3, 1]), vec![(1, 1), (3, 5), (9, 10)]);
+        assert!(runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn single_sink_range_confirm_removes_exactly_the_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            let batch: Vec<_> = (0..10).map(|j| clocking(&format!("r{j}"), 0)).collect();
+            h.ingest(batch, vec![]).await.unwrap();
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 100)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect();
+            // Confirm 1st, 3rd-5th and 9th: two gaps must survive.
+            let chosen = vec![seqs[0], seqs[2], seqs[3], seqs[4], seqs[8]];
+            h.confirm_and_wait(SinkId::Mqtt, chosen.clone())
+                .await
+                .unwrap();
+            let left: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 100)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect();
+            let expected: Vec<u64> = seqs
+                .iter()
+                .copied()
+                .filter(|s| !chosen.contains(s))
+                .collect();
+            assert_eq!(left, expected);
+            assert_eq!(store.stats().unwrap().clockings_stored, 5);
+        });
         drop(h);
         writer.join();
     }

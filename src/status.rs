@@ -1,0 +1,179 @@
+//! `badgegate status`: a running agent at a glance, from its `/healthz`, in 80 columns.
+
+use serde_json::Value;
+
+/// Render the health document (and the per-sink delivery rates measured by the caller) as text
+/// lines of at most 80 columns.
+pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
+    let mut out = Vec::new();
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    out.push(format!(
+        "badgegate {}  site {}  {}",
+        s(&h["version"]),
+        s(&h["site"]),
+        if h["status"] == "ok" { "OK" } else { "PROBLEM" }
+    ));
+    let store = &h["store"];
+    out.push(format!(
+        "store      {}  {}  {} clockings held",
+        if store["writable"] == true {
+            "writable"
+        } else {
+            "NOT WRITABLE"
+        },
+        human_bytes(store["bytes"].as_u64().unwrap_or(0)),
+        store["clockings"].as_u64().unwrap_or(0)
+    ));
+    if let Some(e) = store["error"].as_str() {
+        out.push(fit("           error: ", e));
+    }
+    if h["mqtt"].is_object() {
+        let m = &h["mqtt"];
+        out.push(format!(
+            "uplink     mqtt {}  in flight {}",
+            if m["connected"] == true {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            m["in_flight"].as_u64().unwrap_or(0)
+        ));
+        if let Some(e) = m["last_error"].as_str() {
+            out.push(fit("           last error: ", e));
+        }
+    }
+    out.push(format!(
+        "{:<10} {:<10} {:>10}  {:>14}  {:>10}",
+        "sinks", "SINK", "PENDING", "OLDEST", "RATE/s"
+    ));
+    if let Some(pending) = h["pending"].as_object() {
+        for (sink, n) in pending {
+            let rate = rates.iter().find(|(k, _)| k == sink).map(|(_, r)| *r);
+            out.push(format!(
+                "{:<10} {:<10} {:>10}  {:>14}  {:>10}",
+                "",
+                sink,
+                n.as_u64().unwrap_or(0),
+                h["oldest_pending_age_secs"]
+                    .as_f64()
+                    .filter(|_| n.as_u64().unwrap_or(0) > 0)
+                    .map_or_else(|| "-".to_owned(), human_secs),
+                rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"))
+            ));
+        }
+    }
+    if let Some(terms) = h["terminals"].as_object() {
+        out.push(format!(
+            "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
+            "terminals", "ID", "LINK", "LAST RECORD", "ON DEV", "DRIFT", "BAD"
+        ));
+        for (id, t) in terms {
+            let last = t["last_record_at"]
+                .as_str()
+                .map(|v| v.get(..19).unwrap_or(v).replace('T', " "))
+                .unwrap_or_else(|| "-".into());
+            out.push(format!(
+                "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
+                "",
+                clip(id, 14),
+                if t["connected"] == true { "up" } else { "DOWN" },
+                last,
+                t["device_backlog"].as_u64().unwrap_or(0),
+                format!("{:+}s", t["clock_drift_secs"].as_i64().unwrap_or(0)),
+                t["frames_rejected"].as_u64().unwrap_or(0)
+            ));
+            if t["connected"] != true {
+                if let Some(e) = t["last_error"].as_str() {
+                    out.push(fit(&" ".repeat(26), e));
+                }
+            }
+        }
+    }
+    out.push(format!(
+        "dead       {}",
+        h["dead_letters"].as_u64().map_or_else(
+            || "no cloud sink configured".to_owned(),
+            |n| format!("{n} dead letter(s)")
+        )
+    ));
+    out.join("\n")
+}
+
+/// `prefix` then as much of `text` as fits in 80 columns.
+fn fit(prefix: &str, text: &str) -> String {
+    format!(
+        "{prefix}{}",
+        clip(text, 80usize.saturating_sub(prefix.chars().count()))
+    )
+}
+
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+pub fn human_secs(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_section_fits_80_columns() {
+        let h = json!({
+            "status": "ok", "site": "plant-1", "version": "0.1.0",
+            "store": {"writable": true, "bytes": 12_345_678, "clockings": 1234, "error": null},
+            "mqtt": {"connected": false, "in_flight": 0, "last_error": "network error: Connection refused (os error 111) while connecting to the broker at 10.0.0.5:1883"},
+            "pending": {"mqtt": 1234},
+            "oldest_pending_age_secs": 303.2,
+            "terminals": {
+                "gate-north-with-a-long-name": {"connected": true, "last_record_at": "2026-11-22T08:10:03.123+00:00", "device_backlog": 3, "clock_drift_secs": -2, "frames_rejected": 1},
+                "gate-south": {"connected": false, "last_record_at": null, "device_backlog": 0, "clock_drift_secs": 0, "frames_rejected": 0, "last_error": "no answer to command 0x3C within 5s"}
+            }
+        });
+        let text = render(&h, &[("mqtt".into(), 12.5)]);
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "too wide: {line:?}");
+        }
+        for want in [
+            "store",
+            "uplink",
+            "DISCONNECTED",
+            "mqtt",
+            "1234",
+            "5m 3s",
+            "12.5",
+            "terminals",
+            "gate-south",
+            "DOWN",
+            "-2s",
+            "dead",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+    }
+}
