@@ -13,8 +13,17 @@ use crate::config::DEFAULT_CONFIG_PATH;
     about = "Edge agent for badge terminals: collects clockings, stores them durably, forwards them over MQTT and to the cloud"
 )]
 pub struct Cli {
+    /// Log format: human-readable text, or JSON lines for journald/Loki.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

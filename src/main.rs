@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use badgegate::app::{Agent, StartError};
-use badgegate::cli::{Cli, Command, QueueCommand};
+use badgegate::cli::{Cli, Command, LogFormat, QueueCommand};
 use badgegate::config::Config;
 use badgegate::store::{self, QueueStats, SinkId, StoreError};
 
@@ -23,10 +23,11 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let format = cli.log_format;
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(&config, format),
         Command::Demo { duration } => {
-            init_tracing("warn");
+            init_tracing("warn", format);
             with_runtime(|| async move {
                 match badgegate::demo::run(Duration::from_secs(duration)).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -54,13 +55,25 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_tracing(default_level: &str) {
+/// Logs go to stderr (journald picks them up). `RUST_LOG` overrides the configured level.
+fn init_tracing(default_level: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        // Colours only on a terminal: journald shows escape codes literally.
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 fn with_runtime<F, Fut>(f: F) -> ExitCode
@@ -102,12 +115,12 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, format: LogFormat) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_tracing(&config.agent.log_level);
+    init_tracing(&config.agent.log_level, format);
     with_runtime(|| async move {
         let agent = match Agent::start(config).await {
             Ok(a) => a,

@@ -208,3 +208,57 @@ async fn status_shows_every_section_of_a_running_agent_in_80_columns() {
     assert_eq!(o.status.code(), Some(74));
     assert!(String::from_utf8_lossy(&o.stderr).contains("is the agent running?"));
 }
+
+#[test]
+fn a_damaged_store_is_moved_aside_with_exit_74_and_the_next_start_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let garbage: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(data.join("badgegate.redb"), &garbage).unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        agent_config(&data, port, "mqtt://127.0.0.1:1", "", ""),
+    )
+    .unwrap();
+
+    let o = run(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(74));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is damaged") && err.contains("moved to"),
+        "{err}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("badgegate.redb.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged file is kept");
+    assert_eq!(
+        std::fs::read(kept[0].path()).unwrap(),
+        garbage,
+        "and not modified"
+    );
+
+    // The next start (systemd restarts on 74) runs on a fresh store.
+    let mut agent = badgegate()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        std::time::Duration::from_secs(20),
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -75,6 +75,13 @@ pub enum StoreError {
     Locked { path: PathBuf },
     #[error("store {path} is damaged: {detail}")]
     Corrupted { path: PathBuf, detail: String },
+    /// Found damaged at start and moved aside: never wiped, never silently replaced.
+    #[error("store {path} is damaged ({detail}); it was moved to {kept} for inspection and nothing in it was deleted. The next start begins with an empty store: clockings still undelivered in the damaged file are not forwarded until it is restored")]
+    MovedAside {
+        path: PathBuf,
+        kept: PathBuf,
+        detail: String,
+    },
     #[error("store I/O error: {0}")]
     Io(String),
     #[error("store writer has stopped")]
@@ -149,10 +156,18 @@ impl Store {
         let path = data_dir.join(Self::FILE_NAME);
         // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
         // come from the OS page cache, and the hot part (the outbox head) stays cached.
-        let db = Database::builder()
+        let db = match Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
-            .map_err(|e| open_error(&path, e))?;
+        {
+            Ok(db) => db,
+            Err(e) => {
+                return Err(match open_error(&path, e) {
+                    StoreError::Corrupted { detail, .. } => move_aside(&path, detail),
+                    other => other,
+                })
+            }
+        };
         let store = Store {
             db: RwLock::new(db),
             path,
@@ -392,10 +407,40 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
                 path: path.to_path_buf(),
             }
         }
+        // redb reports a file that is not (or no longer) a database as InvalidData.
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail: io.to_string(),
+            }
+        }
         redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io_error(io),
         other => StoreError::Corrupted {
             path: path.to_path_buf(),
             detail: other.to_string(),
+        },
+    }
+}
+
+/// Rename a damaged store to `<name>.damaged-<UTC time>` beside it.
+fn move_aside(path: &Path, detail: String) -> StoreError {
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+    let mut kept = path.as_os_str().to_owned();
+    kept.push(format!(".damaged-{stamp}"));
+    let kept = PathBuf::from(kept);
+    match std::fs::rename(path, &kept) {
+        Ok(()) => StoreError::MovedAside {
+            path: path.to_path_buf(),
+            kept,
+            detail,
+        },
+        Err(e) => StoreError::Corrupted {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{detail}; moving it aside failed too ({e}): move or restore it by hand"
+            ),
         },
     }
 }

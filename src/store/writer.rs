@@ -510,6 +510,11 @@ fn clone_err(e: &StoreError) -> StoreError {
             path: path.clone(),
             detail: detail.clone(),
         },
+        StoreError::MovedAside { path, kept, detail } => StoreError::MovedAside {
+            path: path.clone(),
+            kept: kept.clone(),
+            detail: detail.clone(),
+        },
     }
 }
 
