@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::model::Clocking;
 
-pub use writer::{IngestOutcome, Writer, WriterHandle};
+pub use writer::{Change, DeadLetter, IngestOutcome, Writer, WriterHandle};
 
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(crate) const IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("ids");
@@ -62,6 +62,14 @@ impl SinkId {
         match self {
             SinkId::Mqtt => TableDefinition::new("pending.mqtt"),
             SinkId::Protime => TableDefinition::new("pending.protime"),
+        }
+    }
+
+    /// Clockings this sink set aside: seq → postcard(DeadLetter).
+    pub(crate) fn dead_table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+        match self {
+            SinkId::Mqtt => TableDefinition::new("dead.mqtt"),
+            SinkId::Protime => TableDefinition::new("dead.protime"),
         }
     }
 }
@@ -130,6 +138,9 @@ pub struct SinkStats {
     pub pending: u64,
     /// Age of the oldest clocking this sink has not confirmed, by when it was received.
     pub oldest_pending_age_secs: Option<f64>,
+    /// Clockings the destination rejected, set aside until replayed.
+    #[serde(default)]
+    pub dead_letters: u64,
 }
 
 /// The durable store. Cheap to share behind an `Arc`; reads run on the caller's thread.
@@ -188,17 +199,26 @@ impl Store {
             txn.open_table(STATE).map_err(StoreError::from_redb)?;
             for s in &self.sinks {
                 txn.open_table(s.table()).map_err(StoreError::from_redb)?;
+                txn.open_table(s.dead_table())
+                    .map_err(StoreError::from_redb)?;
             }
             let mut released = 0u64;
             for gone in SinkId::ALL.iter().filter(|s| !self.sinks.contains(s)) {
-                let existing: Vec<u64> = match txn.open_table(gone.table()) {
-                    Ok(t) => t
-                        .iter()
-                        .map_err(StoreError::from_redb)?
-                        .filter_map(|e| e.ok().map(|(k, _)| k.value()))
-                        .collect(),
-                    Err(_) => continue,
-                };
+                let mut existing: Vec<u64> = Vec::new();
+                if let Ok(t) = txn.open_table(gone.table()) {
+                    existing.extend(
+                        t.iter()
+                            .map_err(StoreError::from_redb)?
+                            .filter_map(|e| e.ok().map(|(k, _)| k.value())),
+                    );
+                }
+                if let Ok(t) = txn.open_table(gone.dead_table()) {
+                    existing.extend(
+                        t.iter()
+                            .map_err(StoreError::from_redb)?
+                            .filter_map(|e| e.ok().map(|(k, _)| k.value())),
+                    );
+                }
                 if !existing.is_empty() {
                     tracing::warn!(
                         sink = gone.as_str(),
@@ -207,6 +227,8 @@ impl Store {
                     );
                 }
                 txn.delete_table(gone.table())
+                    .map_err(StoreError::from_redb)?;
+                txn.delete_table(gone.dead_table())
                     .map_err(StoreError::from_redb)?;
                 let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
                 for seq in existing {
@@ -223,7 +245,7 @@ impl Store {
         txn.commit().map_err(StoreError::from_redb)
     }
 
-    /// Is `seq` still pending at any configured sink other than `except`?
+    /// Is `seq` still needed (pending or dead-lettered) by any configured sink other than `except`?
     pub(crate) fn pending_elsewhere(
         &self,
         txn: &redb::WriteTransaction,
@@ -233,6 +255,10 @@ impl Store {
         for s in self.sinks.iter().filter(|s| Some(**s) != except) {
             let t = txn.open_table(s.table()).map_err(StoreError::from_redb)?;
             if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
+                return Ok(true);
+            }
+            let d = txn.open_table(s.dead_table()).map_err(StoreError::from_redb)?;
+            if d.get(seq).map_err(StoreError::from_redb)?.is_some() {
                 return Ok(true);
             }
         }
@@ -342,10 +368,16 @@ impl Store {
                     .map(|c| age_secs(c.received_at, now)),
                 None => None,
             };
+            let dead_letters = txn
+                .open_table(s.dead_table())
+                .map_err(StoreError::from_redb)?
+                .len()
+                .map_err(StoreError::from_redb)?;
             sinks.push(SinkStats {
                 sink: s.as_str().to_owned(),
                 pending,
                 oldest_pending_age_secs: oldest,
+                dead_letters,
             });
         }
         Ok(QueueStats {
@@ -354,6 +386,26 @@ impl Store {
             clockings_stored: outbox.len().map_err(StoreError::from_redb)?,
             sinks,
         })
+    }
+
+    /// The dead letters of a sink with their clockings, in seq order.
+    pub fn dead_letters(&self, sink: SinkId) -> Result<Vec<(u64, Clocking, DeadLetter)>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
+        let dead = txn.open_table(sink.dead_table()).map_err(StoreError::from_redb)?;
+        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let mut out = Vec::new();
+        for entry in dead.iter().map_err(StoreError::from_redb)? {
+            let (seq, v) = entry.map_err(StoreError::from_redb)?;
+            let letter: DeadLetter = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Decode(format!("dead letter {}: {e}", seq.value())))?;
+            if let Some(bytes) = outbox.get(seq.value()).map_err(StoreError::from_redb)? {
+                let c: Clocking = postcard::from_bytes(bytes.value())
+                    .map_err(|e| StoreError::Decode(format!("seq {}: {e}", seq.value())))?;
+                out.push((seq.value(), c, letter));
+            }
+        }
+        Ok(out)
     }
 
     /// Read a small state value (watermarks, tokens, …) written through the writer.

@@ -51,9 +51,32 @@ pub(crate) enum Op {
         seqs: Vec<u64>,
         reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
-    Flush {
-        reply: oneshot::Sender<Result<(), StoreError>>,
+    Change {
+        change: Change,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+}
+
+/// Small changes that go through the writer like everything else.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Nothing: answered once everything queued before it is committed.
+    Barrier,
+    /// Store a state value (watermark, token, …).
+    PutState { key: String, value: Vec<u8> },
+    /// The sink cannot ever deliver this clocking (the destination rejected it): set it aside
+    /// with the reason instead of blocking the queue. It stays in the store until replayed.
+    DeadLetter { sink: SinkId, seq: u64, reason: String },
+    /// Put every dead letter of the sink back in its queue (after the config was fixed).
+    /// Answers how many.
+    Replay { sink: SinkId },
+}
+
+/// A clocking set aside by a sink.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub at_ms: i64,
 }
 
 /// The sending side, cloned into every producer and sink.
@@ -109,9 +132,14 @@ impl WriterHandle {
 
     /// Wait until everything sent to the writer so far is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.change(Change::Barrier).await.map(|_| ())
+    }
+
+    /// Apply a change durably; answers a count where the change has one (replay), else 0.
+    pub async fn change(&self, change: Change) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Op::Flush { reply })
+            .send(Op::Change { change, reply })
             .map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
@@ -261,8 +289,9 @@ impl WriterState {
             *g = result.as_ref().err().map(|e| e.to_string());
         }
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, counts)) => {
                 let mut outcomes = outcomes.into_iter();
+                let mut counts = counts.into_iter();
                 for op in ops {
                     match op {
                         Op::Ingest { reply, .. } => {
@@ -273,8 +302,8 @@ impl WriterState {
                                 let _ = r.send(Ok(()));
                             }
                         }
-                        Op::Flush { reply } => {
-                            let _ = reply.send(Ok(()));
+                        Op::Change { reply, .. } => {
+                            let _ = reply.send(Ok(counts.next().unwrap_or(0)));
                         }
                     }
                 }
@@ -296,7 +325,7 @@ impl WriterState {
                                 let _ = r.send(Err(clone_err(&e)));
                             }
                         }
-                        Op::Flush { reply } => {
+                        Op::Change { reply, .. } => {
                             let _ = reply.send(Err(clone_err(&e)));
                         }
                     }
@@ -305,8 +334,10 @@ impl WriterState {
         }
     }
 
-    /// One transaction for the whole batch. Returns the outcomes of each ingest op in order.
-    fn write(&mut self, ops: &[Op]) -> Result<Vec<Vec<IngestOutcome>>, StoreError> {
+    /// One transaction for the whole batch. Returns the outcomes of each ingest op and the count
+    /// of each change op, in order.
+    #[allow(clippy::type_complexity)]
+    fn write(&mut self, ops: &[Op]) -> Result<(Vec<Vec<IngestOutcome>>, Vec<u64>), StoreError> {
         let new_clockings: usize = ops.iter().map(op_clockings).sum();
         if new_clockings > 0 {
             self.check_space(new_clockings)?;
@@ -317,6 +348,7 @@ impl WriterState {
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let sinks = self.store.sinks().to_vec();
         let mut results = Vec::new();
+        let mut counts = Vec::new();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -325,6 +357,11 @@ impl WriterState {
             let mut pending: Vec<_> = sinks
                 .iter()
                 .map(|s| txn.open_table(s.table()))
+                .collect::<Result<_, _>>()
+                .map_err(StoreError::from_redb)?;
+            let mut dead: Vec<_> = sinks
+                .iter()
+                .map(|s| txn.open_table(s.dead_table()))
                 .collect::<Result<_, _>>()
                 .map_err(StoreError::from_redb)?;
             let expires = (Utc::now().timestamp().max(0) as u64) + self.dedupe_secs;
@@ -374,7 +411,8 @@ impl WriterState {
                         };
                         if sinks.len() == 1 {
                             // The only sink: a contiguous run of confirmed seqs leaves both tables
-                            // as one range removal (a cursor pass, not one descent per key).
+                            // as one range removal (a cursor pass, not one descent per key). A
+                            // dead letter is never confirmed, so no run spans one.
                             for (lo, hi) in runs(seqs) {
                                 pending[idx]
                                     .retain_in(lo..=hi, |_, _| false)
@@ -387,20 +425,59 @@ impl WriterState {
                         }
                         for &seq in seqs {
                             pending[idx].remove(seq).map_err(StoreError::from_redb)?;
-                            let mut elsewhere = false;
-                            for (j, t) in pending.iter().enumerate() {
-                                if j != idx && t.get(seq).map_err(StoreError::from_redb)?.is_some()
-                                {
-                                    elsewhere = true;
-                                    break;
-                                }
-                            }
-                            if !elsewhere {
+                            if !still_needed(&pending, &dead, seq)? {
                                 outbox.remove(seq).map_err(StoreError::from_redb)?;
                             }
                         }
                     }
-                    Op::Flush { .. } => {}
+                    Op::Change { change, .. } => {
+                        let count = match change {
+                            Change::Barrier => 0,
+                            Change::PutState { key, value } => {
+                                state_t
+                                    .insert(key.as_str(), value.as_slice())
+                                    .map_err(StoreError::from_redb)?;
+                                0
+                            }
+                            Change::DeadLetter { sink, seq, reason } => {
+                                let Some(idx) = sinks.iter().position(|s| s == sink) else {
+                                    counts.push(0);
+                                    continue;
+                                };
+                                if pending[idx].remove(*seq).map_err(StoreError::from_redb)?.is_some() {
+                                    let entry = DeadLetter {
+                                        reason: reason.clone(),
+                                        at_ms: Utc::now().timestamp_millis(),
+                                    };
+                                    let bytes = postcard::to_allocvec(&entry)
+                                        .map_err(|e| StoreError::Io(e.to_string()))?;
+                                    dead[idx]
+                                        .insert(*seq, bytes.as_slice())
+                                        .map_err(StoreError::from_redb)?;
+                                    1
+                                } else {
+                                    0
+                                }
+                            }
+                            Change::Replay { sink } => {
+                                let Some(idx) = sinks.iter().position(|s| s == sink) else {
+                                    counts.push(0);
+                                    continue;
+                                };
+                                let seqs: Vec<u64> = dead[idx]
+                                    .iter()
+                                    .map_err(StoreError::from_redb)?
+                                    .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+                                    .collect();
+                                for &seq in &seqs {
+                                    dead[idx].remove(seq).map_err(StoreError::from_redb)?;
+                                    pending[idx].insert(seq, ()).map_err(StoreError::from_redb)?;
+                                }
+                                seqs.len() as u64
+                            }
+                        };
+                        counts.push(count);
+                    }
                 }
             }
             let mut meta = txn.open_table(META).map_err(StoreError::from_redb)?;
@@ -411,7 +488,7 @@ impl WriterState {
         if let Some((used, _)) = self.cached_used.as_mut() {
             *used += new_clockings as u64 * 200;
         }
-        Ok(results)
+        Ok((results, counts))
     }
 
     /// Refuse new clockings once the configured cap is reached. The file only grows (freed pages
@@ -475,6 +552,25 @@ impl WriterState {
         }
         txn.commit().map_err(StoreError::from_redb)
     }
+}
+
+/// Does any sink still need clocking `seq` (pending, or set aside as a dead letter)?
+fn still_needed(
+    pending: &[redb::Table<'_, u64, ()>],
+    dead: &[redb::Table<'_, u64, &[u8]>],
+    seq: u64,
+) -> Result<bool, StoreError> {
+    for t in pending {
+        if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
+            return Ok(true);
+        }
+    }
+    for t in dead {
+        if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Sorted, de-duplicated seqs as inclusive runs of consecutive numbers.
@@ -616,6 +712,45 @@ mod tests {
         });
         assert!(matches!(err, StoreError::Full(_)), "{err}");
         assert_eq!(store.stats().unwrap().clockings_stored, accepted);
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn dead_letters_are_set_aside_kept_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            h.ingest(vec![clocking("d1", 0), clocking("d2", 1)], vec![]).await.unwrap();
+            let seqs: Vec<u64> = store.pending(SinkId::Protime, None, 10).unwrap().iter().map(|p| p.0).collect();
+            let n = h
+                .change(Change::DeadLetter { sink: SinkId::Protime, seq: seqs[0], reason: "unknown badge".into() })
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(store.pending(SinkId::Protime, None, 10).unwrap().len(), 1);
+            // MQTT delivered both: the dead letter still holds its clocking.
+            h.confirm_and_wait(SinkId::Mqtt, seqs.clone()).await.unwrap();
+            h.confirm_and_wait(SinkId::Protime, vec![seqs[1]]).await.unwrap();
+            assert_eq!(store.stats().unwrap().clockings_stored, 1);
+            let dead = store.dead_letters(SinkId::Protime).unwrap();
+            assert_eq!(dead.len(), 1);
+            assert_eq!(dead[0].1.badge, "d1");
+            assert_eq!(dead[0].2.reason, "unknown badge");
+            let stats = store.stats().unwrap();
+            assert_eq!(stats.sinks[1].dead_letters, 1);
+
+            assert_eq!(h.change(Change::Replay { sink: SinkId::Protime }).await.unwrap(), 1);
+            assert!(store.dead_letters(SinkId::Protime).unwrap().is_empty());
+            let again = store.pending(SinkId::Protime, None, 10).unwrap();
+            assert_eq!(again.len(), 1);
+            h.confirm_and_wait(SinkId::Protime, vec![again[0].0]).await.unwrap();
+            assert_eq!(store.stats().unwrap().clockings_stored, 0);
+
+            h.change(Change::PutState { key: "w".into(), value: vec![1, 2] }).await.unwrap();
+            assert_eq!(store.state("w").unwrap(), Some(vec![1, 2]));
+        });
         drop(h);
         writer.join();
     }
