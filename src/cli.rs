@@ -59,8 +59,54 @@ pub enum Command {
     },
 }
 
+/// Which stored clockings to show.
+#[derive(Debug, clap::Args)]
+pub struct QueueSelection {
+    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Only clockings still pending at (or set aside by) this sink: mqtt or protime.
+    #[arg(long)]
+    pub sink: Option<String>,
+    /// Only this terminal's clockings.
+    #[arg(long)]
+    pub terminal: Option<String>,
+    /// Only clockings that occurred at or after this time (RFC 3339, e.g. 2026-11-22T06:00:00+01:00).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only clockings that occurred before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
+    /// Stored clockings (not yet delivered everywhere), oldest first.
+    List {
+        #[command(flatten)]
+        selection: QueueSelection,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every stored clocking as JSON lines (for audits), to stdout or a file.
+    Export {
+        #[command(flatten)]
+        selection: QueueSelection,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Put a sink's dead letters (clockings its destination rejected) back in its queue, after
+    /// fixing what made them fail.
+    ReplayDeadLetters {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, default_value = "protime")]
+        sink: String,
+    },
     /// Pending clockings per sink, oldest pending age, store size.
     Stats {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use std::collections::HashMap;
+
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,7 +17,7 @@ use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::model::{AccessStatus, Direction, NewClocking, Source};
-use crate::store::{QueueStats, Store, StoreError, WriterHandle};
+use crate::store::{Change, QueueFilter, QueueStats, SinkId, Store, StoreError, WriterHandle};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -32,6 +34,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/queue/stats", get(queue_stats))
+        .route("/v1/queue/clockings", get(queue_clockings))
+        .route("/v1/queue/replay-dead-letters", post(replay_dead_letters))
         .with_state(state)
 }
 
@@ -391,6 +395,81 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         .metrics
         .render(stats.as_ref(), st.writer.last_error().is_none());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Parse the query of `queue list` / `queue export`.
+pub fn queue_filter(q: &HashMap<String, String>) -> Result<QueueFilter, String> {
+    let time = |k: &str| -> Result<Option<DateTime<chrono::FixedOffset>>, String> {
+        q.get(k)
+            .map(|v| {
+                DateTime::parse_from_rfc3339(v)
+                    .map_err(|e| format!("{k} {v:?} is not RFC 3339 with an offset: {e}"))
+            })
+            .transpose()
+    };
+    let sink = match q.get("sink") {
+        None => None,
+        Some(s) => Some(
+            SinkId::from_name(s).ok_or_else(|| format!("unknown sink {s:?} (mqtt, protime)"))?,
+        ),
+    };
+    Ok(QueueFilter {
+        sink,
+        terminal: q.get("terminal").cloned(),
+        since: time("since")?,
+        until: time("until")?,
+    })
+}
+
+/// A page of stored clockings: `{"clockings":[...], "next_after": seq|null}`.
+async fn queue_clockings(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", m);
+    let filter = queue_filter(&q).map_err(bad)?;
+    let after = match q.get("after") {
+        Some(a) => Some(
+            a.parse::<u64>()
+                .map_err(|_| bad(format!("after {a:?} is not a number")))?,
+        ),
+        None => None,
+    };
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| bad(format!("limit {l:?} is not a number")))?,
+        None => 500,
+    }
+    .clamp(1, 5000);
+    let store = st.store.clone();
+    let page = tokio::task::spawn_blocking(move || store.list(&filter, after, limit))
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))??;
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|q| q.seq))
+        .flatten();
+    Ok(Json(json!({
+        "clockings": page.iter().map(|q| q.to_json()).collect::<Vec<_>>(),
+        "next_after": next_after,
+    })))
+}
+
+async fn replay_dead_letters(
+    State(st): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let name = q.get("sink").map(String::as_str).unwrap_or("protime");
+    let sink = SinkId::from_name(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("unknown sink {name:?}"),
+        )
+    })?;
+    let replayed = st.writer.change(Change::Replay { sink }).await?;
+    tracing::info!(sink = name, replayed, "dead letters put back in the queue");
+    Ok(Json(json!({ "sink": name, "replayed": replayed })))
 }
 
 async fn queue_stats(State(st): State<ApiState>) -> Result<Json<QueueStats>, ApiError> {

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod localhttp;
 pub mod metrics;
 pub mod model;
+pub mod queue_tools;
 pub mod sinks;
 pub mod status;
 pub mod store;

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -5,8 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use badgegate::app::{Agent, StartError};
-use badgegate::cli::{Cli, Command, LogFormat, QueueCommand};
+use badgegate::cli::{Cli, Command, LogFormat, QueueCommand, QueueSelection};
 use badgegate::config::Config;
+use badgegate::queue_tools::{self, Access};
 use badgegate::store::{self, QueueStats, SinkId, StoreError};
 
 /// Exit codes of the contract (sysexits).
@@ -40,9 +42,18 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::Status { config, json } => status(&config, json),
-        Command::Queue {
-            command: QueueCommand::Stats { config, json },
-        } => queue_stats(&config, json),
+        Command::Queue { command } => match command {
+            QueueCommand::Stats { config, json } => queue_stats(&config, json),
+            QueueCommand::List {
+                selection,
+                limit,
+                json,
+            } => queue_list(&selection, limit, json),
+            QueueCommand::Export { selection, output } => {
+                queue_export(&selection, output.as_deref())
+            }
+            QueueCommand::ReplayDeadLetters { config, sink } => queue_replay(&config, &sink),
+        },
     }
 }
 
@@ -226,40 +237,8 @@ fn print_stats(s: &QueueStats) {
     }
 }
 
-/// The agent's local API address from its config (a wildcard listen address is reached on loopback).
-fn api_addr(config: &Config) -> std::net::SocketAddr {
-    let mut addr = config.http.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    addr
-}
-
-/// GET a JSON document from the running agent's local API.
 fn get_from_agent(config: &Config, path: &str) -> Result<serde_json::Value, String> {
-    let addr = api_addr(config);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (status, body) = rt
-        .block_on(badgegate::localhttp::request(
-            addr,
-            "GET",
-            path,
-            None,
-            Duration::from_secs(10),
-        ))
-        .map_err(|e| {
-            format!("the agent's API at {addr} did not answer ({e}); is the agent running?")
-        })?;
-    let value = serde_json::from_str(&body)
-        .map_err(|e| format!("the agent at {addr} sent something that is not JSON: {e}"))?;
-    // /healthz answers 503 with a full document when the store is not writable.
-    if status != 200 && !(path == "/healthz" && status == 503) {
-        return Err(format!("the agent at {addr} answered {status}"));
-    }
-    Ok(value)
+    queue_tools::get(queue_tools::api_addr(config), path)
 }
 
 fn stats_from_agent(config: &Config) -> Result<QueueStats, String> {
@@ -306,4 +285,156 @@ fn status(path: &Path, json: bool) -> ExitCode {
     };
     println!("{}", badgegate::status::render(&first, &rates));
     ExitCode::SUCCESS
+}
+
+fn open_queue(sel: &QueueSelection) -> Result<(Access, HashMap<String, String>), ExitCode> {
+    let config = load(&sel.config)?;
+    let query = queue_tools::selection_query(
+        sel.sink.as_deref(),
+        sel.terminal.as_deref(),
+        sel.since.as_deref(),
+        sel.until.as_deref(),
+    );
+    // Validate the selection before touching anything.
+    if let Err(e) = badgegate::http::queue_filter(&query) {
+        eprintln!("badgegate: {e}");
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
+    let access = Access::open(&config).map_err(|e| {
+        eprintln!("badgegate: {e}");
+        ExitCode::from(EXIT_IO)
+    })?;
+    Ok((access, query))
+}
+
+fn queue_list(sel: &QueueSelection, limit: usize, json: bool) -> ExitCode {
+    let (access, query) = match open_queue(sel) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let (items, more) = match access.page(&query, None, limit.max(1)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("badgegate: {e}");
+            return ExitCode::from(EXIT_IO);
+        }
+    };
+    if json {
+        for v in &items {
+            println!("{v}");
+        }
+    } else {
+        println!(
+            "{:>8}  {:<25}  {:<12}  {:<10}  {:<3}  {:<13}  SINKS",
+            "SEQ", "OCCURRED_AT", "TERMINAL", "BADGE", "DIR", "STATUS"
+        );
+        for v in &items {
+            let mut sinks: Vec<String> = v["pending_sinks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(dead) = v["dead_letters"].as_array() {
+                sinks.extend(
+                    dead.iter()
+                        .map(|d| format!("{}(dead)", d["sink"].as_str().unwrap_or("?"))),
+                );
+            }
+            println!(
+                "{:>8}  {:<25}  {:<12}  {:<10}  {:<3}  {:<13}  {}",
+                v["seq"],
+                v["occurred_at"].as_str().unwrap_or(""),
+                v["terminal"].as_str().unwrap_or(""),
+                v["badge"].as_str().unwrap_or(""),
+                v["direction"].as_str().unwrap_or(""),
+                v["status"].as_str().unwrap_or(""),
+                sinks.join(",")
+            );
+        }
+        if more.is_some() {
+            eprintln!("(showing the first {}; use --limit for more)", items.len());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn queue_export(sel: &QueueSelection, output: Option<&Path>) -> ExitCode {
+    use std::io::Write;
+    let (access, query) = match open_queue(sel) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let mut out: Box<dyn Write> = match output {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Err(e) => {
+                eprintln!("badgegate: cannot write {}: {e}", p.display());
+                return ExitCode::from(EXIT_IO);
+            }
+        },
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let started = std::time::Instant::now();
+    let mut last_report = std::time::Instant::now();
+    let (mut after, mut written) = (None, 0u64);
+    loop {
+        let (items, next) = match access.page(&query, after, 1000) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("badgegate: {e} (after {written} exported)");
+                return ExitCode::from(EXIT_IO);
+            }
+        };
+        for v in &items {
+            if writeln!(out, "{v}").is_err() {
+                eprintln!("badgegate: writing the export failed after {written} clockings");
+                return ExitCode::from(EXIT_IO);
+            }
+            written += 1;
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "exported {written} clockings ({:.0}/s)",
+                written as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    if out.flush().is_err() {
+        eprintln!("badgegate: writing the export failed");
+        return ExitCode::from(EXIT_IO);
+    }
+    eprintln!("exported {written} clockings");
+    ExitCode::SUCCESS
+}
+
+fn queue_replay(path: &Path, sink: &str) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(sink) = SinkId::from_name(sink) else {
+        eprintln!("badgegate: unknown sink {sink:?} (mqtt, protime)");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    match Access::open(&config).and_then(|a| a.replay(sink)) {
+        Ok(n) => {
+            println!(
+                "{n} dead letter(s) of {} put back in the queue",
+                sink.as_str()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("badgegate: {e}");
+            ExitCode::from(EXIT_IO)
+        }
+    }
 }

@@ -262,3 +262,105 @@ fn a_damaged_store_is_moved_aside_with_exit_74_and_the_next_start_works() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_and_export_while_running_and_stopped() {
+    let mosquitto = Mosquitto::start();
+    let uplink = badgegate::demo::proxy::Uplink::start(mosquitto.addr())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
+    uplink.set_up(false);
+    // many(): even items on gate-1, odd on gate-2, one second apart from 06:00:00+01:00.
+    let ids = Api::new().post_all(&agent, &many(30, "ql")).await;
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+
+    let check = |running: bool| {
+        let cfg = cfg.clone();
+        let ids = ids.clone();
+        move || {
+            let o = run(&[
+                "queue",
+                "list",
+                "--config",
+                &cfg,
+                "--terminal",
+                "gate-2",
+                "--json",
+            ]);
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let lines: Vec<serde_json::Value> = stdout(&o)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), 15, "running={running}");
+            assert!(lines
+                .iter()
+                .all(|v| v["terminal"] == "gate-2" && v["pending_sinks"][0] == "mqtt"));
+
+            let o = run(&[
+                "queue",
+                "list",
+                "--config",
+                &cfg,
+                "--since",
+                "2026-03-02T06:00:20+01:00",
+                "--json",
+            ]);
+            assert_eq!(
+                stdout(&o).lines().count(),
+                10,
+                "since is inclusive, offsets kept"
+            );
+
+            let out = std::path::Path::new(&cfg).with_extension(format!("export-{running}.jsonl"));
+            let o = run(&[
+                "queue",
+                "export",
+                "--config",
+                &cfg,
+                "--output",
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let exported: Vec<String> = std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            assert_eq!(exported, ids, "every stored clocking, in arrival order");
+
+            let o = run(&["queue", "list", "--config", &cfg, "--since", "yesterday"]);
+            assert_eq!(o.status.code(), Some(64));
+            let o = run(&[
+                "queue",
+                "replay-dead-letters",
+                "--config",
+                &cfg,
+                "--sink",
+                "mqtt",
+            ]);
+            assert_eq!(o.status.code(), Some(0));
+            assert!(stdout(&o).starts_with("0 dead letter(s)"));
+        }
+    };
+    tokio::task::spawn_blocking(check(true)).await.unwrap();
+    assert_eq!(agent.terminate().code(), Some(0));
+    tokio::task::spawn_blocking(check(false)).await.unwrap();
+}

@@ -26,6 +26,18 @@ use crate::model::Clocking;
 
 pub use writer::{Change, DeadLetter, IngestOutcome, Writer, WriterHandle};
 
+/// Open the store of a stopped agent for the queue tools (fails with `Locked` while it runs).
+pub fn open_offline(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
+    let path = data_dir.join(Store::FILE_NAME);
+    if !path.exists() {
+        return Err(StoreError::Io(format!(
+            "no store at {} (has the agent ever run with this data_dir?)",
+            path.display()
+        )));
+    }
+    Store::open(data_dir, sinks)
+}
+
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub(crate) const IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("ids");
 pub(crate) const ID_EXPIRY: TableDefinition<(u64, [u8; 16]), ()> =
@@ -120,6 +132,49 @@ fn io_error(io: std::io::Error) -> StoreError {
         StoreError::Full(io.to_string())
     } else {
         StoreError::Io(io.to_string())
+    }
+}
+
+/// Which stored clockings `queue list` / `queue export` show.
+#[derive(Debug, Clone, Default)]
+pub struct QueueFilter {
+    /// Only clockings pending at (or set aside by) this sink.
+    pub sink: Option<SinkId>,
+    pub terminal: Option<String>,
+    /// `occurred_at` at or after.
+    pub since: Option<DateTime<chrono::FixedOffset>>,
+    /// `occurred_at` before.
+    pub until: Option<DateTime<chrono::FixedOffset>>,
+}
+
+/// A stored clocking with where it still has to go.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub seq: u64,
+    pub clocking: Clocking,
+    pub pending: Vec<SinkId>,
+    pub dead: Vec<(SinkId, DeadLetter)>,
+}
+
+impl Queued {
+    /// The MQTT payload plus the queue's view of it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&self.clocking.to_json()).unwrap_or_default();
+        v["seq"] = self.seq.into();
+        v["pending_sinks"] = self
+            .pending
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .into();
+        v["dead_letters"] = self
+            .dead
+            .iter()
+            .map(|(s, d)| serde_json::json!({"sink": s.as_str(), "reason": d.reason, "at_ms": d.at_ms}))
+            .collect::<Vec<_>>()
+            .into();
+        v
     }
 }
 
@@ -257,7 +312,9 @@ impl Store {
             if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
                 return Ok(true);
             }
-            let d = txn.open_table(s.dead_table()).map_err(StoreError::from_redb)?;
+            let d = txn
+                .open_table(s.dead_table())
+                .map_err(StoreError::from_redb)?;
             if d.get(seq).map_err(StoreError::from_redb)?.is_some() {
                 return Ok(true);
             }
@@ -388,11 +445,87 @@ impl Store {
         })
     }
 
-    /// The dead letters of a sink with their clockings, in seq order.
-    pub fn dead_letters(&self, sink: SinkId) -> Result<Vec<(u64, Clocking, DeadLetter)>, StoreError> {
+    /// Up to `limit` stored clockings after seq `after` that match `filter`, in arrival order.
+    pub fn list(
+        &self,
+        filter: &QueueFilter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
         let db = self.db();
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
-        let dead = txn.open_table(sink.dead_table()).map_err(StoreError::from_redb)?;
+        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let mut pending = Vec::new();
+        let mut dead = Vec::new();
+        for s in &self.sinks {
+            pending.push((
+                *s,
+                txn.open_table(s.table()).map_err(StoreError::from_redb)?,
+            ));
+            dead.push((
+                *s,
+                txn.open_table(s.dead_table())
+                    .map_err(StoreError::from_redb)?,
+            ));
+        }
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in outbox.range(start..).map_err(StoreError::from_redb)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (seq, bytes) = entry.map_err(StoreError::from_redb)?;
+            let seq = seq.value();
+            let clocking: Clocking = postcard::from_bytes(bytes.value())
+                .map_err(|e| StoreError::Decode(format!("seq {seq}: {e}")))?;
+            if filter
+                .terminal
+                .as_ref()
+                .is_some_and(|t| *t != clocking.terminal)
+                || filter.since.is_some_and(|t| clocking.occurred_at < t)
+                || filter.until.is_some_and(|t| clocking.occurred_at >= t)
+            {
+                continue;
+            }
+            let mut q = Queued {
+                seq,
+                clocking,
+                pending: Vec::new(),
+                dead: Vec::new(),
+            };
+            for (s, t) in &pending {
+                if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
+                    q.pending.push(*s);
+                }
+            }
+            for (s, t) in &dead {
+                if let Some(v) = t.get(seq).map_err(StoreError::from_redb)? {
+                    if let Ok(d) = postcard::from_bytes::<DeadLetter>(v.value()) {
+                        q.dead.push((*s, d));
+                    }
+                }
+            }
+            if filter
+                .sink
+                .is_some_and(|s| !q.pending.contains(&s) && !q.dead.iter().any(|(d, _)| *d == s))
+            {
+                continue;
+            }
+            out.push(q);
+        }
+        Ok(out)
+    }
+
+    /// The dead letters of a sink with their clockings, in seq order.
+    pub fn dead_letters(
+        &self,
+        sink: SinkId,
+    ) -> Result<Vec<(u64, Clocking, DeadLetter)>, StoreError> {
+        let db = self.db();
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
+        let dead = txn
+            .open_table(sink.dead_table())
+            .map_err(StoreError::from_redb)?;
         let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
         let mut out = Vec::new();
         for entry in dead.iter().map_err(StoreError::from_redb)? {
@@ -429,16 +562,9 @@ impl Store {
 
 /// Read-only statistics for `queue stats` while the agent is stopped.
 pub fn offline_stats(data_dir: &Path, sinks: &[SinkId]) -> Result<QueueStats, StoreError> {
-    let path = data_dir.join(Store::FILE_NAME);
-    if !path.exists() {
-        return Err(StoreError::Io(format!(
-            "no store at {} (has the agent ever run with this data_dir?)",
-            path.display()
-        )));
-    }
     // Opening for writing (not read-only) lets redb repair a store left by a crash; the lock
     // makes this fail cleanly with `Locked` while the agent runs.
-    Store::open(data_dir, sinks)?.stats()
+    open_offline(data_dir, sinks)?.stats()
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {

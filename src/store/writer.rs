@@ -66,7 +66,11 @@ pub enum Change {
     PutState { key: String, value: Vec<u8> },
     /// The sink cannot ever deliver this clocking (the destination rejected it): set it aside
     /// with the reason instead of blocking the queue. It stays in the store until replayed.
-    DeadLetter { sink: SinkId, seq: u64, reason: String },
+    DeadLetter {
+        sink: SinkId,
+        seq: u64,
+        reason: String,
+    },
     /// Put every dead letter of the sink back in its queue (after the config was fixed).
     /// Answers how many.
     Replay { sink: SinkId },
@@ -444,7 +448,11 @@ impl WriterState {
                                     counts.push(0);
                                     continue;
                                 };
-                                if pending[idx].remove(*seq).map_err(StoreError::from_redb)?.is_some() {
+                                if pending[idx]
+                                    .remove(*seq)
+                                    .map_err(StoreError::from_redb)?
+                                    .is_some()
+                                {
                                     let entry = DeadLetter {
                                         reason: reason.clone(),
                                         at_ms: Utc::now().timestamp_millis(),
@@ -471,7 +479,9 @@ impl WriterState {
                                     .collect();
                                 for &seq in &seqs {
                                     dead[idx].remove(seq).map_err(StoreError::from_redb)?;
-                                    pending[idx].insert(seq, ()).map_err(StoreError::from_redb)?;
+                                    pending[idx]
+                                        .insert(seq, ())
+                                        .map_err(StoreError::from_redb)?;
                                 }
                                 seqs.len() as u64
                             }
@@ -722,17 +732,32 @@ mod tests {
         let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
         let (writer, h) = Writer::start(store.clone(), 30, None);
         rt().block_on(async {
-            h.ingest(vec![clocking("d1", 0), clocking("d2", 1)], vec![]).await.unwrap();
-            let seqs: Vec<u64> = store.pending(SinkId::Protime, None, 10).unwrap().iter().map(|p| p.0).collect();
+            h.ingest(vec![clocking("d1", 0), clocking("d2", 1)], vec![])
+                .await
+                .unwrap();
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Protime, None, 10)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect();
             let n = h
-                .change(Change::DeadLetter { sink: SinkId::Protime, seq: seqs[0], reason: "unknown badge".into() })
+                .change(Change::DeadLetter {
+                    sink: SinkId::Protime,
+                    seq: seqs[0],
+                    reason: "unknown badge".into(),
+                })
                 .await
                 .unwrap();
             assert_eq!(n, 1);
             assert_eq!(store.pending(SinkId::Protime, None, 10).unwrap().len(), 1);
             // MQTT delivered both: the dead letter still holds its clocking.
-            h.confirm_and_wait(SinkId::Mqtt, seqs.clone()).await.unwrap();
-            h.confirm_and_wait(SinkId::Protime, vec![seqs[1]]).await.unwrap();
+            h.confirm_and_wait(SinkId::Mqtt, seqs.clone())
+                .await
+                .unwrap();
+            h.confirm_and_wait(SinkId::Protime, vec![seqs[1]])
+                .await
+                .unwrap();
             assert_eq!(store.stats().unwrap().clockings_stored, 1);
             let dead = store.dead_letters(SinkId::Protime).unwrap();
             assert_eq!(dead.len(), 1);
@@ -741,14 +766,28 @@ mod tests {
             let stats = store.stats().unwrap();
             assert_eq!(stats.sinks[1].dead_letters, 1);
 
-            assert_eq!(h.change(Change::Replay { sink: SinkId::Protime }).await.unwrap(), 1);
+            assert_eq!(
+                h.change(Change::Replay {
+                    sink: SinkId::Protime
+                })
+                .await
+                .unwrap(),
+                1
+            );
             assert!(store.dead_letters(SinkId::Protime).unwrap().is_empty());
             let again = store.pending(SinkId::Protime, None, 10).unwrap();
             assert_eq!(again.len(), 1);
-            h.confirm_and_wait(SinkId::Protime, vec![again[0].0]).await.unwrap();
+            h.confirm_and_wait(SinkId::Protime, vec![again[0].0])
+                .await
+                .unwrap();
             assert_eq!(store.stats().unwrap().clockings_stored, 0);
 
-            h.change(Change::PutState { key: "w".into(), value: vec![1, 2] }).await.unwrap();
+            h.change(Change::PutState {
+                key: "w".into(),
+                value: vec![1, 2],
+            })
+            .await
+            .unwrap();
             assert_eq!(store.state("w").unwrap(), Some(vec![1, 2]));
         });
         drop(h);
