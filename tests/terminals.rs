@@ -42,6 +42,39 @@ async fn simulator(device_id: u32) -> (Simulator, SocketAddr) {
     (sim, addr)
 }
 
+/// Mosquitto, one simulated terminal ("north") set up by `prepare` before anything connects to
+/// it, a subscriber on `filter` (subscribed before the agent starts, so nothing is missed), and
+/// the agent connected to both.
+struct Rig {
+    _mosquitto: Mosquitto,
+    sim: Simulator,
+    _dir: tempfile::TempDir,
+    agent: AgentProc,
+    api: Api,
+}
+
+async fn rig(device_id: u32, filter: &str, prepare: impl FnOnce(&Simulator)) -> (Rig, Subscriber) {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(device_id).await;
+    prepare(&sim);
+    let sub = Subscriber::start(mosquitto.addr(), filter).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_connect("north", addr, device_id),
+    );
+    let rig = Rig {
+        _mosquitto: mosquitto,
+        sim,
+        _dir: dir,
+        agent,
+        api: Api::new(),
+    };
+    (rig, sub)
+}
+
 fn ids(v: &[Value]) -> Vec<String> {
     v.iter()
         .map(|m| m["id"].as_str().unwrap().to_owned())
@@ -62,20 +95,16 @@ async fn receive(sub: &mut Subscriber, n: usize) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_of_10000_records_is_delivered_once_each_and_acknowledged() {
-    let mosquitto = Mosquitto::start();
-    let (sim, addr) = simulator(7).await;
-    for i in 0..10_000u64 {
-        sim.add_record(record(1000 + i % 300, i as i64, (i % 2) as u8), false);
-    }
-    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/north").await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProc::start_with(
-        dir.path(),
-        &mosquitto.url(),
-        "",
-        &anviz_connect("north", addr, 7),
-    );
-    let api = Api::new();
+    // Bound to a variable so the broker and directory live to the end of the test.
+    let (rig, mut sub) = rig(7, "badgegate/plant-1/clockings/north", |sim| {
+        for i in 0..10_000u64 {
+            sim.add_record(record(1000 + i % 300, i as i64, (i % 2) as u8), false);
+        }
+    })
+    .await;
+    let Rig {
+        sim, agent, api, ..
+    } = &rig;
 
     let got = receive(&mut sub, 10_000).await;
     let unique: HashSet<String> = ids(&got).into_iter().collect();
@@ -111,21 +140,19 @@ async fn backfill_of_10000_records_is_delivered_once_each_and_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_between_download_and_clear_redownloads_without_duplicates() {
-    let mosquitto = Mosquitto::start();
-    let (sim, addr) = simulator(1).await;
-    for i in 0..100u64 {
-        sim.add_record(record(500 + i, i as i64, 0), false);
-    }
-    sim.block_clears(true);
-    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = AgentProc::start_with(
-        dir.path(),
-        &mosquitto.url(),
-        "",
-        &anviz_connect("north", addr, 1),
-    );
-    let api = Api::new();
+    let (rig, mut sub) = rig(1, "badgegate/plant-1/clockings/#", |sim| {
+        for i in 0..100u64 {
+            sim.add_record(record(500 + i, i as i64, 0), false);
+        }
+        sim.block_clears(true);
+    })
+    .await;
+    let Rig {
+        sim,
+        mut agent,
+        api,
+        ..
+    } = rig;
 
     // The agent downloaded and committed, then asked to clear: the clear is swallowed.
     eventually("clear attempted", LONG, || async {
@@ -207,17 +234,11 @@ async fn realtime_push_while_the_broker_is_down_is_stored_then_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bad_crc_and_truncated_frames_are_counted_and_nothing_is_lost() {
-    let mosquitto = Mosquitto::start();
-    let (sim, addr) = simulator(1).await;
-    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProc::start_with(
-        dir.path(),
-        &mosquitto.url(),
-        "",
-        &anviz_connect("north", addr, 1),
-    );
-    let api = Api::new();
+    // Bound to a variable so the broker and directory live to the end of the test.
+    let (rig, mut sub) = rig(1, "badgegate/plant-1/clockings/#", |_| {}).await;
+    let Rig {
+        sim, agent, api, ..
+    } = &rig;
     sim.wait_for_links(1).await;
 
     sim.inject_raw(b"\x00\x13garbage\xff\xfe");
