@@ -121,9 +121,9 @@ async fn backfill_of_10000_records_is_delivered_once_each_and_acknowledged() {
         sim.new_count() == 0
     })
     .await;
-    api.wait_drained(&agent, LONG).await;
+    api.wait_drained(agent, LONG).await;
     assert_eq!(
-        api.metric(&agent, "badgegate_mqtt_published_total").await,
+        api.metric(agent, "badgegate_mqtt_published_total").await,
         10_000.0,
         "no duplicates"
     );
@@ -132,7 +132,7 @@ async fn backfill_of_10000_records_is_delivered_once_each_and_acknowledged() {
         10_000,
         "records stay on the device, only their flags are cleared"
     );
-    let (_, health) = api.get_json(&agent, "/healthz").await;
+    let (_, health) = api.get_json(agent, "/healthz").await;
     assert_eq!(health["terminals"]["north"]["connected"], true);
     assert_eq!(health["terminals"]["north"]["device_backlog"], 0);
     assert_eq!(health["terminals"]["north"]["backfilled_records"], 10_000);
@@ -253,11 +253,11 @@ async fn garbage_bad_crc_and_truncated_frames_are_counted_and_nothing_is_lost() 
     assert_eq!(unique.len(), 20);
     eventually("acknowledged", LONG, || async { sim.new_count() == 0 }).await;
     assert!(
-        api.metric(&agent, "badgegate_terminal_frames_rejected_total")
+        api.metric(agent, "badgegate_terminal_frames_rejected_total")
             .await
             >= 1.0
     );
-    let (_, health) = api.get_json(&agent, "/healthz").await;
+    let (_, health) = api.get_json(agent, "/healthz").await;
     assert!(
         health["terminals"]["north"]["frames_rejected"]
             .as_u64()
