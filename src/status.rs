@@ -43,22 +43,28 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
         }
     }
     out.push(format!(
-        "{:<10} {:<10} {:>10}  {:>14}  {:>10}",
-        "sinks", "SINK", "PENDING", "OLDEST", "RATE/s"
+        "{:<10} {:<10} {:>10}  {:>14}  {:>10}  {:>8}",
+        "sinks", "SINK", "PENDING", "OLDEST", "RATE/s", "ETA"
     ));
     if let Some(pending) = h["pending"].as_object() {
         for (sink, n) in pending {
             let rate = rates.iter().find(|(k, _)| k == sink).map(|(_, r)| *r);
+            let pending = n.as_u64().unwrap_or(0);
+            let eta = match rate {
+                Some(r) if r > 0.0 && pending > 0 => human_secs(pending as f64 / r),
+                _ => "-".to_owned(),
+            };
             out.push(format!(
-                "{:<10} {:<10} {:>10}  {:>14}  {:>10}",
+                "{:<10} {:<10} {:>10}  {:>14}  {:>10}  {:>8}",
                 "",
                 sink,
-                n.as_u64().unwrap_or(0),
+                pending,
                 h["oldest_pending_age_secs"]
                     .as_f64()
                     .filter(|_| n.as_u64().unwrap_or(0) > 0)
                     .map_or_else(|| "-".to_owned(), human_secs),
-                rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"))
+                rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
+                eta
             ));
         }
     }

@@ -190,6 +190,18 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             println!("  -- uplink cut: clockings keep coming and are buffered on disk");
         }
         if elapsed >= restore_at && !uplink.is_up() {
+            // What an operator would see with `badgegate status` at the worst of the outage.
+            if let Ok((_, body)) =
+                localhttp::request(api, "GET", "/healthz", None, Duration::from_secs(5)).await
+            {
+                if let Ok(h) = serde_json::from_str::<serde_json::Value>(&body) {
+                    println!("\n  -- `badgegate status` now:");
+                    for line in crate::status::render(&h, &[]).lines() {
+                        println!("  {line}");
+                    }
+                    println!();
+                }
+            }
             uplink.set_up(true);
             stop_tx.send_replace(true);
             restored_at = Some(Instant::now());

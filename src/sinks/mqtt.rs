@@ -223,6 +223,9 @@ impl MqttSink {
 
         let mut committed = self.writer.committed();
         let mut store_exhausted = false;
+        let mut drain = self.drain_progress().await;
+        let mut progress_tick = tokio::time::interval(PROGRESS_EVERY);
+        progress_tick.reset();
         let end = loop {
             // Fill the window from the store.
             while s.in_flight < window && !*shutdown.borrow() {
@@ -277,6 +280,15 @@ impl MqttSink {
                     store_exhausted = false;
                 }
                 _ = shutdown.changed() => break End::Shutdown,
+                _ = progress_tick.tick(), if drain.is_some() => {
+                    if let Some(d) = &drain {
+                        let remaining = self.pending_count().await;
+                        d.log(remaining, self.metrics.mqtt.delivered.load(Ordering::Relaxed));
+                        if remaining == 0 {
+                            drain = None;
+                        }
+                    }
+                }
             }
             // Drain whatever else is ready before touching the store again.
             while let Ok(ev) = events.try_recv() {
@@ -350,11 +362,73 @@ impl MqttSink {
         }
     }
 
+    async fn pending_count(&self) -> u64 {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.stats())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .and_then(|s| {
+                s.sinks
+                    .into_iter()
+                    .find(|k| k.sink == SinkId::Mqtt.as_str())
+            })
+            .map_or(0, |k| k.pending)
+    }
+
+    /// A backlog worth reporting on (a long outage ended): progress is logged while it drains.
+    async fn drain_progress(&self) -> Option<Drain> {
+        let backlog = self.pending_count().await;
+        (backlog >= DRAIN_REPORT_FROM).then(|| {
+            tracing::info!(backlog, "draining the backlog to the broker");
+            Drain {
+                started: std::time::Instant::now(),
+                backlog,
+                delivered_before: self.metrics.mqtt.delivered.load(Ordering::Relaxed),
+            }
+        })
+    }
+
     async fn read_pending(&self, after: Option<u64>) -> Result<Vec<(u64, Clocking)>, StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.pending(SinkId::Mqtt, after, READ_AHEAD))
             .await
             .map_err(|e| StoreError::Io(e.to_string()))?
+    }
+}
+
+/// Backlogs from this size on get progress lines.
+const DRAIN_REPORT_FROM: u64 = 10_000;
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+struct Drain {
+    started: std::time::Instant,
+    backlog: u64,
+    delivered_before: u64,
+}
+
+impl Drain {
+    fn log(&self, remaining: u64, delivered_now: u64) {
+        let done = delivered_now.saturating_sub(self.delivered_before);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        if remaining == 0 {
+            tracing::info!(
+                delivered = done,
+                secs = secs.round() as u64,
+                rate_per_s = rate.round() as u64,
+                "backlog drained"
+            );
+        } else {
+            tracing::info!(
+                delivered = done,
+                of = self.backlog,
+                remaining,
+                rate_per_s = rate.round() as u64,
+                eta_s = (remaining as f64 / rate.max(1.0)).round() as u64,
+                "draining the backlog"
+            );
+        }
     }
 }
 
