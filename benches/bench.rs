@@ -115,6 +115,7 @@ async fn ingest_load(
     per_request: usize,
     secs: f64,
 ) -> IngestResult {
+    badgegate::clouds::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()
@@ -175,6 +176,7 @@ async fn ingest_load(
 
 /// Fill the store with `n` clockings (1000 per request, 4 clients).
 async fn preload(agent: &AgentProc, tag: &str, n: usize) {
+    badgegate::clouds::install_crypto_provider();
     let client = reqwest::Client::new();
     let url = agent.url("/v1/clockings");
     let next = Arc::new(AtomicU64::new(0));

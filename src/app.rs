@@ -6,11 +6,14 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::clouds::protime::ProtimeClient;
+use crate::clouds::HttpOptions;
 use crate::config::{Config, TerminalConfig, TerminalKind};
 use crate::http::{self, ApiState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::sinks::mqtt::MqttSink;
+use crate::sinks::protime::ProtimeSink;
 use crate::store::{SinkId, Store, StoreError, Writer, WriterHandle};
 use crate::terminals::anviz::link::AnvizLink;
 
@@ -18,6 +21,8 @@ use crate::terminals::anviz::link::AnvizLink;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("sinks.protime: {0}")]
+    Protime(crate::clouds::CloudError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -69,6 +74,18 @@ impl Agent {
             let sink = MqttSink::new(
                 mqtt.clone(),
                 config.agent.site.clone(),
+                store.clone(),
+                writer_handle.clone(),
+                metrics.clone(),
+            );
+            sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
+        }
+        if let Some(p) = &config.sinks.protime {
+            let client =
+                ProtimeClient::new(p, HttpOptions::protime()).map_err(StartError::Protime)?;
+            let sink = ProtimeSink::new(
+                client,
+                p.timezone,
                 store.clone(),
                 writer_handle.clone(),
                 metrics.clone(),

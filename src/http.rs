@@ -349,7 +349,14 @@ async fn healthz(State(st): State<ApiState>) -> Response {
     });
     body["delivered"] = json!({
         "mqtt": m.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        "protime": st.metrics.protime.delivered.load(std::sync::atomic::Ordering::Relaxed),
     });
+    if st.config.sinks.protime.is_some() {
+        body["protime"] = json!({
+            "reachable": st.metrics.protime.connected.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": st.metrics.protime.last_error(),
+        });
+    }
     if st.config.mqtt.is_some() {
         body["mqtt"] = json!({
             "connected": m.connected.load(std::sync::atomic::Ordering::Relaxed),
@@ -375,6 +382,9 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             .map(|k| (k.sink.clone(), json!(k.pending)))
             .collect::<serde_json::Map<_, _>>()
             .into();
+        if st.config.sinks.protime.is_some() {
+            body["dead_letters"] = json!(s.sinks.iter().map(|k| k.dead_letters).sum::<u64>());
+        }
         body["oldest_pending_age_secs"] = json!(s
             .sinks
             .iter()

@@ -8,6 +8,7 @@ pub mod access;
 pub mod app;
 pub mod backoff;
 pub mod cli;
+pub mod clouds;
 pub mod config;
 mod config_keys;
 pub mod demo;

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     pub store_full: AtomicU64,
     pub mqtt: SinkMetrics,
+    pub protime: SinkMetrics,
+    pub protime_dead_letters: AtomicU64,
     /// One entry per device-link terminal, fixed at start.
     pub terminals: BTreeMap<String, Arc<TerminalHealth>>,
 }
@@ -218,7 +220,22 @@ impl Metrics {
             "badgegate_delivered_total",
             "counter",
             "Clockings confirmed by a sink.",
-            &[("{sink=\"mqtt\"}".into(), r(&m.delivered) as f64)],
+            &[
+                ("{sink=\"mqtt\"}".into(), r(&m.delivered) as f64),
+                (
+                    "{sink=\"protime\"}".into(),
+                    r(&self.protime.delivered) as f64,
+                ),
+            ],
+        );
+        metric(
+            "badgegate_protime_reachable",
+            "gauge",
+            "1 while the last Protime call reached Protime.",
+            &[(
+                String::new(),
+                f64::from(u8::from(self.protime.connected.load(Ordering::Relaxed))),
+            )],
         );
         if !self.terminals.is_empty() {
             let per = |f: &dyn Fn(&TerminalHealth) -> f64| -> Vec<(String, f64)> {
@@ -294,6 +311,17 @@ impl Metrics {
                 "gauge",
                 "Age of the oldest unconfirmed clocking, by sink (0 when none).",
                 &oldest,
+            );
+            let dead: Vec<_> = stats
+                .sinks
+                .iter()
+                .map(|s| (format!("{{sink=\"{}\"}}", s.sink), s.dead_letters as f64))
+                .collect();
+            metric(
+                "badgegate_dead_letters",
+                "gauge",
+                "Clockings a sink's destination rejected, set aside until replayed.",
+                &dead,
             );
             metric(
                 "badgegate_store_bytes",

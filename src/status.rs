@@ -27,6 +27,20 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
     if let Some(e) = store["error"].as_str() {
         out.push(fit("           error: ", e));
     }
+    if h["protime"].is_object() {
+        let p = &h["protime"];
+        out.push(format!(
+            "protime    {}",
+            if p["reachable"] == true {
+                "reachable"
+            } else {
+                "UNREACHABLE or refusing"
+            }
+        ));
+        if let Some(e) = p["last_error"].as_str() {
+            out.push(fit("           last error: ", e));
+        }
+    }
     if h["mqtt"].is_object() {
         let m = &h["mqtt"];
         out.push(format!(

@@ -687,6 +687,7 @@ pub(crate) mod testutil {
 
     /// A client with a short timeout so a lost answer fails the test quickly instead of hanging.
     pub fn client() -> reqwest::Client {
+        crate::clouds::install_crypto_provider();
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .user_agent("badgegate-tests/0.1 (badgegate)")

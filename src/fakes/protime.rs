@@ -1788,6 +1788,7 @@ mod tests {
         let token = env.token().await;
 
         // Missing User-Agent: 400.
+        crate::clouds::install_crypto_provider();
         let bare = reqwest::Client::new();
         let resp = bare
             .get(format!("{}/people", env.fake.base_url()))

@@ -2,3 +2,4 @@
 //! store only once the destination acknowledged it.
 
 pub mod mqtt;
+pub mod protime;

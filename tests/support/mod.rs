@@ -384,6 +384,7 @@ pub struct Api {
 
 impl Api {
     pub fn new() -> Api {
+        badgegate::clouds::install_crypto_provider();
         Api {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))

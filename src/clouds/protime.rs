@@ -1,0 +1,1499 @@
+//! Protime API client (myProtime connector): OAuth2 client-credentials tokens, `POST /clockings`
+//! with the duplicate check a lost answer needs, the access-clockings delta feed, and people.
+//!
+//! Vendor quirks handled here:
+//! - No idempotency key: a `POST /clockings` whose answer was lost MAY have been stored. It is
+//!   reported as [`ErrorKind::AnswerLost`] (never retried here); the caller looks it up with
+//!   [`ProtimeClient::find_clocking`] before sending it again.
+//! - Lists answer `{"value":[..],"nextLink":".."}` and an EMPTY `value` with a `nextLink` is not
+//!   the end: only a missing `nextLink` is.
+//! - The first `?delta` round lists plain items; `deltaLink` answers wrap them in
+//!   `{"changeType":"InsertOrUpdate"|"Delete","data":{..}}`. Both are parsed into
+//!   [`AccessChange`]s.
+//! - `changeVersion` is opaque and sorts as a string; an item not newer than the one held is
+//!   stale ([`apply_access_changes`]).
+//! - Model validation errors come as `{"validationErrors":..}` without the `error` wrapper.
+//! - The status `UnknownBadgeNumber` (newer pages) is read as `UnknownBadge`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use reqwest::header::{CONTENT_TYPE, LOCATION};
+use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::http::{
+    base_url, by_status, form_body, same_origin_link, Answer, Api, CloudError, ErrorKind, Http,
+    HttpOptions, IssuedToken, TokenCache, VendorAnswer, Verdict,
+};
+use crate::config::{ProtimeConfig, Secret};
+use crate::model::AccessStatus;
+
+/// Scopes (`connector-protimeapi-<collection>.read|.write`).
+pub const SCOPE_CLOCKINGS_WRITE: &str = "connector-protimeapi-clockings.write";
+/// Needed for the duplicate check before a re-send.
+pub const SCOPE_CLOCKINGS_READ: &str = "connector-protimeapi-clockings.read";
+pub const SCOPE_ACCESS_CLOCKINGS_READ: &str = "connector-protimeapi-access-clockings.read";
+pub const SCOPE_PEOPLE_READ: &str = "connector-protimeapi-people.read";
+
+/// The external references every read asks for, so items can be matched by badge and terminal
+/// code rather than by Protime's internal ids.
+const EXTERNAL_REFERENCES: &str = "(people,@badge-number)(terminals,@external-code)";
+/// A token answer without `expires_in` is trusted this long.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// A listing longer than this many pages is treated as a vendor loop, not data.
+const MAX_PAGES: usize = 10_000;
+
+const CALL_TOKEN: &str = "POST connect/token";
+const CALL_POST_CLOCKING: &str = "POST /clockings";
+const CALL_FIND_CLOCKING: &str = "GET /clockings";
+const CALL_ACCESS_INITIAL: &str = "GET /access-clockings?delta";
+const CALL_ACCESS_DELTA: &str = "GET /delta/access-clockings";
+const CALL_PEOPLE: &str = "GET /people";
+
+/// Who clocked: Protime's internal id, or the `@badge-number` external reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PersonRef {
+    Id(i64),
+    BadgeNumber(String),
+}
+
+/// Where: Protime's internal terminal id, or its `@external-code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminalRef {
+    Id(i64),
+    ExternalCode(String),
+}
+
+/// `kind` of a time clocking; the agent sends `InOut`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClockingKind {
+    InOut,
+    Reason,
+    Activity,
+    ActivityEnd,
+}
+
+/// A time clocking to create: `date` and `time_of_day_in_minutes` are the tenant's wall clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtimeClocking {
+    pub person: PersonRef,
+    pub date: NaiveDate,
+    /// -1440..=2880 (Protime allows previous/next-day minutes for time clockings).
+    pub time_of_day_in_minutes: i32,
+    pub kind: ClockingKind,
+    pub terminal: Option<TerminalRef>,
+}
+
+/// A confirmed `POST /clockings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PostOutcome {
+    /// `201 Created`; `location` is the new clocking's URL when the tenant sent one.
+    Created { location: Option<String> },
+    /// `202 Accepted` (some tenants): queued for processing at `operation_location`.
+    Accepted { operation_location: Option<String> },
+}
+
+/// A time clocking as Protime lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteClocking {
+    pub id: i64,
+    pub person_id: Option<i64>,
+    pub badge_number: Option<String>,
+    pub date: NaiveDate,
+    pub time_of_day_in_minutes: i32,
+    pub kind: ClockingKind,
+    pub terminal_id: Option<i64>,
+    pub terminal_code: Option<String>,
+}
+
+/// An access clocking (read only in Protime).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessClocking {
+    pub id: i64,
+    /// Opaque; sorts as a string.
+    pub change_version: String,
+    pub person_id: Option<i64>,
+    pub badge_number: Option<String>,
+    /// The tenant's local date; access clockings always happen on the actual date.
+    pub date: NaiveDate,
+    /// 0..=1439, the tenant's wall clock.
+    pub time_of_day_in_minutes: u16,
+    pub terminal_id: Option<i64>,
+    pub terminal_code: Option<String>,
+    pub status: AccessStatus,
+}
+
+/// One item of the delta feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessChange {
+    Upsert(AccessClocking),
+    Delete { id: i64, change_version: String },
+}
+
+impl AccessChange {
+    pub fn id(&self) -> i64 {
+        match self {
+            AccessChange::Upsert(a) => a.id,
+            AccessChange::Delete { id, .. } => *id,
+        }
+    }
+
+    pub fn change_version(&self) -> &str {
+        match self {
+            AccessChange::Upsert(a) => &a.change_version,
+            AccessChange::Delete { change_version, .. } => change_version,
+        }
+    }
+}
+
+/// A delta round: the changes in order, and the `deltaLink` for the next round (persist it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessDelta {
+    pub changes: Vec<AccessChange>,
+    pub delta_link: String,
+}
+
+/// What the mirror holds per access-clocking id. A deletion is kept as a tombstone with its
+/// version, so that a stale `InsertOrUpdate` arriving after it cannot resurrect the item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldAccess {
+    Live(AccessClocking),
+    Deleted { change_version: String },
+}
+
+impl HeldAccess {
+    pub fn change_version(&self) -> &str {
+        match self {
+            HeldAccess::Live(a) => &a.change_version,
+            HeldAccess::Deleted { change_version } => change_version,
+        }
+    }
+}
+
+/// What [`apply_access_changes`] did with one change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Inserted(i64),
+    Updated(i64),
+    Deleted(i64),
+    /// Not newer than what is held (lower or equal `changeVersion`): ignored.
+    Stale(i64),
+}
+
+/// Applies delta changes in order to `held`. A change whose `changeVersion` is not greater (as a
+/// string, the documented order) than the held one for its id is stale and ignored; a `Delete`
+/// leaves a tombstone. Returns what happened to each change, in order.
+pub fn apply_access_changes(
+    held: &mut BTreeMap<i64, HeldAccess>,
+    changes: impl IntoIterator<Item = AccessChange>,
+) -> Vec<Applied> {
+    changes
+        .into_iter()
+        .map(|change| {
+            let id = change.id();
+            let previous = held.get(&id);
+            if previous.is_some_and(|h| change.change_version() <= h.change_version()) {
+                return Applied::Stale(id);
+            }
+            let was_live = matches!(previous, Some(HeldAccess::Live(_)));
+            match change {
+                AccessChange::Upsert(a) => {
+                    held.insert(id, HeldAccess::Live(a));
+                    if was_live {
+                        Applied::Updated(id)
+                    } else {
+                        Applied::Inserted(id)
+                    }
+                }
+                AccessChange::Delete { change_version, .. } => {
+                    held.insert(id, HeldAccess::Deleted { change_version });
+                    Applied::Deleted(id)
+                }
+            }
+        })
+        .collect()
+}
+
+/// A person as Protime lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtimePerson {
+    pub id: i64,
+    pub badge_number: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+}
+
+/// Badge number → Protime person id. A badge listed for two people keeps the first (and is
+/// logged): Protime should not allow it, and guessing would misattribute clockings.
+pub fn badge_map(people: &[ProtimePerson]) -> HashMap<String, i64> {
+    let mut map = HashMap::new();
+    for p in people {
+        let Some(badge) = p.badge_number.as_deref().map(str::trim) else {
+            continue;
+        };
+        if badge.is_empty() {
+            continue;
+        }
+        if let Some(first) = map.get(badge) {
+            if *first != p.id {
+                tracing::warn!(
+                    api = %Api::Protime,
+                    person = p.id,
+                    kept = *first,
+                    "badge number listed for two people; keeping the first"
+                );
+            }
+            continue;
+        }
+        map.insert(badge.to_string(), p.id);
+    }
+    map
+}
+
+/// The Protime client. Cheap to clone; clones share the token and the rate limiter.
+#[derive(Debug, Clone)]
+pub struct ProtimeClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: Http,
+    base: Url,
+    token_url: Url,
+    client_id: String,
+    client_secret: Secret,
+    scopes: String,
+    tokens: TokenCache,
+}
+
+impl ProtimeClient {
+    /// A client for `cfg`. It asks for the clockings scopes (write, and read for the duplicate
+    /// check) and, when `cfg.mirror` is on, for access clockings and people too: a tenant refuses
+    /// the whole token when one scope requested is not granted.
+    pub fn new(cfg: &ProtimeConfig, opts: HttpOptions) -> Result<ProtimeClient, CloudError> {
+        let mut scopes = vec![SCOPE_CLOCKINGS_WRITE, SCOPE_CLOCKINGS_READ];
+        if cfg.mirror {
+            scopes.extend([SCOPE_ACCESS_CLOCKINGS_READ, SCOPE_PEOPLE_READ]);
+        }
+        let tokens = TokenCache::new(opts.refresh_margin);
+        let http = Http::new(Api::Protime, opts, &[&cfg.client_secret])?;
+        let token_url = Url::parse(cfg.token_url.trim()).map_err(|e| {
+            http.error(
+                "configure",
+                ErrorKind::Config {
+                    detail: format!("token URL {:?}: {e}", cfg.token_url),
+                },
+            )
+        })?;
+        Ok(ProtimeClient {
+            inner: Arc::new(Inner {
+                base: base_url(Api::Protime, &cfg.base_url)?,
+                token_url,
+                client_id: cfg.client_id.clone(),
+                client_secret: cfg.client_secret.clone(),
+                scopes: scopes.join(" "),
+                tokens,
+                http,
+            }),
+        })
+    }
+
+    /// `POST /clockings`. Retries 429 (after `Retry-After`), 5xx and connection failures; never
+    /// retries once the request may have been written: that is [`ErrorKind::AnswerLost`]. Any
+    /// 400 is [`ErrorKind::Rejected`] with the vendor's reasons (validation: sending the same
+    /// content again cannot succeed).
+    pub async fn post_clocking(&self, c: &ProtimeClocking) -> Result<PostOutcome, CloudError> {
+        let url = self.url("clockings")?;
+        let body = ClockingBody::from(c);
+        self.inner
+            .http
+            .send_authed(
+                CALL_POST_CLOCKING,
+                &self.inner.tokens,
+                || self.login(),
+                false,
+                |client, token| client.post(url.clone()).bearer_auth(token).json(&body),
+                interpret_post,
+            )
+            .await
+    }
+
+    /// Looks for a clocking identical to `c` (person, date, minute, kind and, when `c` names one,
+    /// terminal) with `GET /clockings?filter=..`, following `nextLink` across empty pages. With a
+    /// [`PersonRef::Id`] the filter names the person; with a badge number it lists the day and
+    /// matches the `@badge-number` reference.
+    pub async fn find_clocking(
+        &self,
+        c: &ProtimeClocking,
+    ) -> Result<Option<RemoteClocking>, CloudError> {
+        let day = c.date.format("%Y-%m-%d");
+        let filter = match &c.person {
+            PersonRef::Id(id) => {
+                format!("person in ({id}) and date ge '{day}' and date le '{day}'")
+            }
+            PersonRef::BadgeNumber(_) => format!("date ge '{day}' and date le '{day}'"),
+        };
+        let mut url = self.url("clockings")?;
+        url.query_pairs_mut()
+            .append_pair("filter", &filter)
+            .append_pair("externalReferences", EXTERNAL_REFERENCES);
+        let mut found = None;
+        let mut bad = None;
+        self.list(CALL_FIND_CLOCKING, url, false, |item: Value| {
+            if found.is_some() || bad.is_some() {
+                return;
+            }
+            match parse_clocking(&item) {
+                Ok(r) if is_same_clocking(c, &r) => found = Some(r),
+                Ok(_) => {}
+                Err(e) => bad = Some(e),
+            }
+        })
+        .await?;
+        match bad {
+            Some(detail) if found.is_none() => Err(self
+                .inner
+                .http
+                .error(CALL_FIND_CLOCKING, ErrorKind::Malformed { detail })),
+            _ => Ok(found),
+        }
+    }
+
+    /// The initial delta round: `GET /access-clockings?filter=date ge '<from>'&delta`, every page
+    /// (following `nextLink` across empty pages) until the `deltaLink`. All items come back as
+    /// [`AccessChange::Upsert`].
+    pub async fn access_clockings_initial(
+        &self,
+        from: NaiveDate,
+    ) -> Result<AccessDelta, CloudError> {
+        let mut url = self.url("access-clockings")?;
+        url.query_pairs_mut()
+            .append_pair("filter", &format!("date ge '{}'", from.format("%Y-%m-%d")))
+            .append_pair("externalReferences", EXTERNAL_REFERENCES)
+            .append_key_only("delta");
+        self.delta_round(CALL_ACCESS_INITIAL, url).await
+    }
+
+    /// One delta round from a stored `deltaLink`: the changes since that link was issued, and the
+    /// next link. [`ErrorKind::DeltaExpired`] (410): start over with
+    /// [`Self::access_clockings_initial`]; [`ErrorKind::DeltaBusy`] (409): back off, retry later.
+    pub async fn access_clockings_delta(
+        &self,
+        delta_link: &str,
+    ) -> Result<AccessDelta, CloudError> {
+        let url = same_origin_link(&self.inner.base, delta_link)
+            .map_err(|k| self.inner.http.error(CALL_ACCESS_DELTA, k))?;
+        self.delta_round(CALL_ACCESS_DELTA, url).await
+    }
+
+    /// Every person with their `@badge-number` (see [`badge_map`]).
+    pub async fn people(&self) -> Result<Vec<ProtimePerson>, CloudError> {
+        let mut url = self.url("people")?;
+        url.query_pairs_mut()
+            .append_pair("externalReferences", "(people,@badge-number)");
+        let mut people = Vec::new();
+        let mut bad = None;
+        self.list(
+            CALL_PEOPLE,
+            url,
+            false,
+            |item: Value| match serde_json::from_value::<PersonItem>(item) {
+                Ok(p) => people.push(ProtimePerson {
+                    id: p.id,
+                    badge_number: p.external_references.badge_number,
+                    first_name: p.first_name,
+                    last_name: p.last_name,
+                }),
+                Err(e) => {
+                    bad.get_or_insert(format!("person item: {e}"));
+                }
+            },
+        )
+        .await?;
+        match bad {
+            Some(detail) => Err(self
+                .inner
+                .http
+                .error(CALL_PEOPLE, ErrorKind::Malformed { detail })),
+            None => Ok(people),
+        }
+    }
+
+    async fn delta_round(&self, call: &'static str, url: Url) -> Result<AccessDelta, CloudError> {
+        let mut changes = Vec::new();
+        let mut bad = None;
+        let delta_link = self
+            .list(call, url, true, |item: Value| {
+                match parse_access_item(&item) {
+                    Ok(c) => changes.push(c),
+                    Err(e) => {
+                        bad.get_or_insert(e);
+                    }
+                }
+            })
+            .await?;
+        if let Some(detail) = bad {
+            return Err(self.inner.http.error(call, ErrorKind::Malformed { detail }));
+        }
+        match delta_link {
+            Some(delta_link) => Ok(AccessDelta {
+                changes,
+                delta_link,
+            }),
+            None => Err(self.inner.http.error(
+                call,
+                ErrorKind::Malformed {
+                    detail: "the last page has neither nextLink nor deltaLink".into(),
+                },
+            )),
+        }
+    }
+
+    /// Follows `nextLink` from `first` until a page has none (an empty `value` is not the end);
+    /// returns that last page's `deltaLink`.
+    async fn list(
+        &self,
+        call: &'static str,
+        first: Url,
+        delta: bool,
+        mut on_item: impl FnMut(Value),
+    ) -> Result<Option<String>, CloudError> {
+        let mut url = first;
+        for _ in 0..MAX_PAGES {
+            let page: Page = self.get_page(call, &url, delta).await?;
+            page.value.into_iter().for_each(&mut on_item);
+            let Some(next) = page.next_link else {
+                return Ok(page.delta_link);
+            };
+            let next = same_origin_link(&self.inner.base, &next)
+                .map_err(|k| self.inner.http.error(call, k))?;
+            if next == url {
+                return Err(self.inner.http.error(
+                    call,
+                    ErrorKind::Malformed {
+                        detail: "nextLink points to the page just read".into(),
+                    },
+                ));
+            }
+            url = next;
+        }
+        Err(self.inner.http.error(
+            call,
+            ErrorKind::Malformed {
+                detail: format!("more than {MAX_PAGES} pages"),
+            },
+        ))
+    }
+
+    async fn get_page(
+        &self,
+        call: &'static str,
+        url: &Url,
+        delta: bool,
+    ) -> Result<Page, CloudError> {
+        self.inner
+            .http
+            .send_authed(
+                call,
+                &self.inner.tokens,
+                || self.login(),
+                true,
+                |client, token| client.get(url.clone()).bearer_auth(token),
+                |a: &Answer| match a.status {
+                    StatusCode::OK => match a.json::<Page>() {
+                        Ok(p) => Verdict::Done(p),
+                        Err(k) => Verdict::Fail(k),
+                    },
+                    StatusCode::GONE if delta => Verdict::Fail(ErrorKind::DeltaExpired),
+                    StatusCode::CONFLICT if delta => Verdict::Fail(ErrorKind::DeltaBusy),
+                    _ => by_status(a, vendor_answer(a)),
+                },
+            )
+            .await
+    }
+
+    /// OAuth2 client credentials (form body, as documented).
+    async fn login(&self) -> Result<IssuedToken, CloudError> {
+        let inner = &self.inner;
+        let body = form_body(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", &inner.client_id),
+            ("client_secret", inner.client_secret.expose()),
+            ("scope", &inner.scopes),
+        ]);
+        inner
+            .http
+            .send(
+                CALL_TOKEN,
+                true,
+                |client| {
+                    client
+                        .post(inner.token_url.clone())
+                        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .body(body.clone())
+                },
+                interpret_token,
+            )
+            .await
+    }
+
+    fn url(&self, path: &str) -> Result<Url, CloudError> {
+        self.inner.base.join(path).map_err(|e| {
+            self.inner.http.error(
+                "configure",
+                ErrorKind::Config {
+                    detail: format!("cannot join {path:?} to the base URL: {e}"),
+                },
+            )
+        })
+    }
+}
+
+fn interpret_token(a: &Answer) -> Verdict<IssuedToken> {
+    #[derive(Deserialize)]
+    struct TokenAnswer {
+        access_token: String,
+        expires_in: Option<u64>,
+    }
+    match a.status {
+        StatusCode::OK => match a.json::<TokenAnswer>() {
+            Ok(t) if !t.access_token.is_empty() => Verdict::Done(IssuedToken {
+                value: Secret::new(t.access_token),
+                lifetime: t
+                    .expires_in
+                    .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs),
+            }),
+            Ok(_) => Verdict::Fail(ErrorKind::Malformed {
+                detail: "empty access_token".into(),
+            }),
+            Err(k) => Verdict::Fail(k),
+        },
+        // invalid_client / invalid_scope / unsupported_grant_type: configuration, not transient.
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Verdict::Fail(ErrorKind::Auth(vendor_answer(a)))
+        }
+        _ => by_status(a, vendor_answer(a)),
+    }
+}
+
+fn interpret_post(a: &Answer) -> Verdict<PostOutcome> {
+    let header = |name: &str| a.header(name).map(str::to_string);
+    match a.status {
+        StatusCode::CREATED => Verdict::Done(PostOutcome::Created {
+            location: header(LOCATION.as_str()),
+        }),
+        StatusCode::ACCEPTED => Verdict::Done(PostOutcome::Accepted {
+            operation_location: header("operation-location"),
+        }),
+        StatusCode::BAD_REQUEST => {
+            let v = vendor_answer(a);
+            let mut reasons = v.reasons;
+            if reasons.is_empty() {
+                reasons.extend(v.message);
+            }
+            Verdict::Fail(ErrorKind::Rejected { reasons })
+        }
+        // A success status we do not know (a proxy's 200 page...): we cannot tell whether the
+        // clocking was stored, so it is treated like a lost answer.
+        s if s.is_success() => Verdict::Fail(ErrorKind::AnswerLost {
+            detail: format!("unexpected HTTP {} answer: {}", s.as_u16(), a.snippet()),
+        }),
+        _ => by_status(a, vendor_answer(a)),
+    }
+}
+
+/// Protime's error body: `{"error":{"code","message","reasons"}}`, OAuth's
+/// `{"error":"..","error_description":".."}` or `{"validationErrors":..}`; otherwise the start of
+/// the body.
+fn vendor_answer(a: &Answer) -> VendorAnswer {
+    let mut v = VendorAnswer {
+        status: a.status.as_u16(),
+        ..VendorAnswer::default()
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&a.body) else {
+        if !a.body.is_empty() {
+            v.message = Some(a.snippet());
+        }
+        return v;
+    };
+    match &body["error"] {
+        Value::Object(e) => {
+            v.code = e.get("code").and_then(Value::as_str).map(str::to_string);
+            v.message = e.get("message").and_then(Value::as_str).map(str::to_string);
+            v.reasons = strings(e.get("reasons").unwrap_or(&Value::Null));
+        }
+        Value::String(code) => {
+            v.code = Some(code.clone());
+            v.message = body["error_description"].as_str().map(str::to_string);
+        }
+        _ => {}
+    }
+    if let Some(errors) = body.get("validationErrors") {
+        v.code.get_or_insert_with(|| "validationErrors".into());
+        v.reasons.extend(validation_reasons(errors));
+    }
+    v
+}
+
+/// `validationErrors` as `field: message` lines (a map of field → messages, or a plain list).
+fn validation_reasons(errors: &Value) -> Vec<String> {
+    match errors {
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(field, msgs)| {
+                let msgs = strings(msgs);
+                if msgs.is_empty() {
+                    vec![field.clone()]
+                } else {
+                    msgs.into_iter().map(|m| format!("{field}: {m}")).collect()
+                }
+            })
+            .collect(),
+        other => strings(other),
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match v {
+        Value::Null => vec![],
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    value: Vec<Value>,
+    #[serde(rename = "nextLink")]
+    next_link: Option<String>,
+    #[serde(rename = "deltaLink")]
+    delta_link: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ExtRefs {
+    #[serde(rename = "@badge-number")]
+    badge_number: Option<String>,
+    #[serde(rename = "@external-code")]
+    external_code: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RefItem {
+    id: Option<i64>,
+    #[serde(rename = "externalReferences", default)]
+    external_references: ExtRefs,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PersonItem {
+    id: i64,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    #[serde(default)]
+    external_references: ExtRefs,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClockingItem {
+    id: i64,
+    #[serde(default)]
+    person: Option<RefItem>,
+    date: NaiveDate,
+    time_of_day_in_minutes: i32,
+    kind: ClockingKind,
+    #[serde(default)]
+    terminal: Option<RefItem>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AccessItem {
+    id: i64,
+    change_version: String,
+    #[serde(default)]
+    person: Option<RefItem>,
+    date: NaiveDate,
+    time_of_day_in_minutes: u16,
+    #[serde(default)]
+    terminal: Option<RefItem>,
+    status: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClockingBody {
+    person: Value,
+    date: String,
+    time_of_day_in_minutes: i32,
+    kind: ClockingKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    terminal: Option<Value>,
+}
+
+impl From<&ProtimeClocking> for ClockingBody {
+    fn from(c: &ProtimeClocking) -> Self {
+        ClockingBody {
+            person: match &c.person {
+                PersonRef::Id(id) => serde_json::json!({ "id": id }),
+                PersonRef::BadgeNumber(b) => {
+                    serde_json::json!({ "externalReferences": { "@badge-number": b } })
+                }
+            },
+            date: c.date.format("%Y-%m-%d").to_string(),
+            time_of_day_in_minutes: c.time_of_day_in_minutes,
+            kind: c.kind,
+            terminal: c.terminal.as_ref().map(|t| match t {
+                TerminalRef::Id(id) => serde_json::json!({ "id": id }),
+                TerminalRef::ExternalCode(code) => {
+                    serde_json::json!({ "externalReferences": { "@external-code": code } })
+                }
+            }),
+        }
+    }
+}
+
+fn parse_clocking(item: &Value) -> Result<RemoteClocking, String> {
+    let c = ClockingItem::deserialize(item).map_err(|e| format!("clocking item: {e}"))?;
+    let person = c.person.unwrap_or_default();
+    let terminal = c.terminal.unwrap_or_default();
+    Ok(RemoteClocking {
+        id: c.id,
+        person_id: person.id,
+        badge_number: person.external_references.badge_number,
+        date: c.date,
+        time_of_day_in_minutes: c.time_of_day_in_minutes,
+        kind: c.kind,
+        terminal_id: terminal.id,
+        terminal_code: terminal.external_references.external_code,
+    })
+}
+
+/// Whether a listed clocking is the one we (may have) posted.
+fn is_same_clocking(c: &ProtimeClocking, r: &RemoteClocking) -> bool {
+    let person = match &c.person {
+        PersonRef::Id(id) => r.person_id == Some(*id),
+        PersonRef::BadgeNumber(b) => r.badge_number.as_deref() == Some(b.as_str()),
+    };
+    let terminal = match &c.terminal {
+        None => true,
+        Some(TerminalRef::Id(id)) => r.terminal_id == Some(*id),
+        Some(TerminalRef::ExternalCode(code)) => r.terminal_code.as_deref() == Some(code.as_str()),
+    };
+    person
+        && terminal
+        && r.date == c.date
+        && r.time_of_day_in_minutes == c.time_of_day_in_minutes
+        && r.kind == c.kind
+}
+
+/// A plain item (initial round) or a `{"changeType","data"}` wrapper (deltaLink rounds).
+fn parse_access_item(item: &Value) -> Result<AccessChange, String> {
+    let Some(change_type) = item.get("changeType") else {
+        return parse_access_clocking(item).map(AccessChange::Upsert);
+    };
+    let data = &item["data"];
+    match change_type.as_str() {
+        Some("InsertOrUpdate") => parse_access_clocking(data).map(AccessChange::Upsert),
+        Some("Delete") => {
+            let id = data["id"].as_i64();
+            let version = data["changeVersion"].as_str();
+            match (id, version) {
+                (Some(id), Some(v)) => Ok(AccessChange::Delete {
+                    id,
+                    change_version: v.to_string(),
+                }),
+                _ => Err(format!("Delete change without id/changeVersion: {data}")),
+            }
+        }
+        _ => Err(format!("unknown changeType {change_type}")),
+    }
+}
+
+fn parse_access_clocking(v: &Value) -> Result<AccessClocking, String> {
+    let a = AccessItem::deserialize(v).map_err(|e| format!("access clocking item: {e}"))?;
+    // An unknown status is an error rather than a guess: the mirror feeds access decisions.
+    let status = a
+        .status
+        .parse::<AccessStatus>()
+        .map_err(|()| format!("access clocking {}: unknown status {:?}", a.id, a.status))?;
+    if a.time_of_day_in_minutes > 1439 {
+        return Err(format!(
+            "access clocking {}: timeOfDayInMinutes {} outside 0..1439",
+            a.id, a.time_of_day_in_minutes
+        ));
+    }
+    let person = a.person.unwrap_or_default();
+    let terminal = a.terminal.unwrap_or_default();
+    Ok(AccessClocking {
+        id: a.id,
+        change_version: a.change_version,
+        person_id: person.id,
+        badge_number: person.external_references.badge_number,
+        date: a.date,
+        time_of_day_in_minutes: a.time_of_day_in_minutes,
+        terminal_id: terminal.id,
+        terminal_code: terminal.external_references.external_code,
+        status,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::fakes::protime::{
+        self as fake, endpoint, AccessClockingSpec, FakeProtime, PostAnswer, ProtimeControl,
+    };
+    use crate::fakes::Fault;
+    use std::time::Instant;
+
+    /// Short pacing so tests run fast; the logic is the production one.
+    pub(crate) fn fast_options() -> HttpOptions {
+        HttpOptions {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            min_interval: Duration::ZERO,
+            max_attempts: 4,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            max_retry_after: Duration::from_secs(5),
+            refresh_margin: Duration::from_secs(60),
+        }
+    }
+
+    pub(crate) fn config(fake: &FakeProtime, secret: &str) -> ProtimeConfig {
+        ProtimeConfig {
+            base_url: fake.base_url(),
+            token_url: fake.token_url(),
+            client_id: fake::DEFAULT_CLIENT_ID.into(),
+            client_secret: Secret::new(secret),
+            timezone: chrono_tz::Europe::Brussels,
+            mirror: true,
+        }
+    }
+
+    pub(crate) async fn start() -> (FakeProtime, ProtimeControl) {
+        let fake = FakeProtime::start("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("fake protime");
+        let ctl = fake.control();
+        for (id, badge) in [(1, "6767676"), (2, "1111"), (3, "2222")] {
+            ctl.add_person(fake::Person {
+                id,
+                badge_number: badge.into(),
+                employee_number: format!("E{id}"),
+                first_name: format!("First{id}"),
+                last_name: format!("Last{id}"),
+            });
+        }
+        ctl.add_terminal(fake::Terminal {
+            id: 7,
+            external_code: "gate-north".into(),
+        });
+        (fake, ctl)
+    }
+
+    fn client_for(fake: &FakeProtime, opts: HttpOptions) -> ProtimeClient {
+        ProtimeClient::new(&config(fake, fake::DEFAULT_CLIENT_SECRET), opts).expect("client")
+    }
+
+    fn day(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date")
+    }
+
+    pub(crate) fn clocking(badge: &str, minutes: i32) -> ProtimeClocking {
+        ProtimeClocking {
+            person: PersonRef::BadgeNumber(badge.into()),
+            date: day("2026-03-02"),
+            time_of_day_in_minutes: minutes,
+            kind: ClockingKind::InOut,
+            terminal: Some(TerminalRef::ExternalCode("gate-north".into())),
+        }
+    }
+
+    fn access(person_id: i64, date: &str, minutes: u16) -> AccessClockingSpec {
+        AccessClockingSpec {
+            person_id,
+            date: day(date),
+            time_of_day_in_minutes: minutes,
+            terminal_id: 7,
+            status: fake::AccessStatus::AccessOk,
+        }
+    }
+
+    #[tokio::test]
+    async fn posts_clockings_with_user_agent_and_one_token() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        let out = client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect("post");
+        let PostOutcome::Created {
+            location: Some(loc),
+        } = out
+        else {
+            panic!("expected 201 with Location, got {out:?}");
+        };
+        assert!(loc.contains("/clockings/"), "{loc}");
+        client
+            .post_clocking(&ProtimeClocking {
+                person: PersonRef::Id(2),
+                terminal: Some(TerminalRef::Id(7)),
+                ..clocking("x", 490)
+            })
+            .await
+            .expect("post by ids");
+        let stored = ctl.clockings();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(
+            (stored[0].person_id, stored[0].time_of_day_in_minutes),
+            (1, 480)
+        );
+        assert_eq!(stored[0].terminal_id, Some(7));
+        assert_eq!(stored[1].person_id, 2);
+        assert_eq!(ctl.token_requests(), 1, "the token is reused");
+        let log = ctl.wire().log();
+        assert!(log.iter().all(|r| r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "user-agent" && v == crate::clouds::USER_AGENT)));
+        let token_req = log
+            .iter()
+            .find(|r| r.endpoint == endpoint::TOKEN)
+            .expect("token request");
+        assert!(token_req.body.contains("grant_type=client_credentials"));
+        assert!(token_req
+            .body
+            .contains("connector-protimeapi-clockings.write"));
+
+        ctl.set_post_answer(PostAnswer::Accepted);
+        let out = client
+            .post_clocking(&clocking("1111", 500))
+            .await
+            .expect("202");
+        assert!(matches!(
+            out,
+            PostOutcome::Accepted {
+                operation_location: Some(_)
+            }
+        ));
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn expired_token_means_exactly_one_new_login() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect("first");
+        ctl.expire_tokens();
+        client
+            .post_clocking(&clocking("6767676", 481))
+            .await
+            .expect("after expiry");
+        assert_eq!(ctl.token_requests(), 2);
+        // first POST, the one refused with 401, its single repetition.
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3);
+        assert_eq!(ctl.clockings().len(), 2);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn rejected_credentials_are_an_auth_error_without_retry_storm() {
+        let (fake, ctl) = start().await;
+        let client =
+            ProtimeClient::new(&config(&fake, "wrong-secret"), fast_options()).expect("client");
+        let err = client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect_err("bad secret");
+        assert!(
+            matches!(&err.kind, ErrorKind::Auth(a) if a.code.as_deref() == Some("invalid_client")),
+            "{err}"
+        );
+        assert_eq!(ctl.token_requests(), 1);
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 0);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn validation_errors_are_rejections_with_reasons() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        let err = client
+            .post_clocking(&clocking("no-such-badge", 480))
+            .await
+            .expect_err("unknown badge");
+        let ErrorKind::Rejected { reasons } = &err.kind else {
+            panic!("expected Rejected, got {err}");
+        };
+        assert!(
+            reasons.iter().any(|r| r.contains("no-such-badge")),
+            "{reasons:?}"
+        );
+        assert_eq!(err.api, Api::Protime);
+        assert_eq!(err.call, "POST /clockings");
+        assert!(!err.is_transient());
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 1, "not retried");
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_honoured_on_429() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        ctl.wire().fail_next_on(
+            endpoint::POST_CLOCKINGS,
+            1,
+            Fault::RateLimited {
+                retry_after_secs: 1,
+            },
+        );
+        let started = Instant::now();
+        client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect("after retry");
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 2);
+        assert_eq!(ctl.clockings().len(), 1);
+
+        // A Retry-After beyond max_retry_after goes back to the caller at once.
+        ctl.wire().fail_next_on(
+            endpoint::POST_CLOCKINGS,
+            1,
+            Fault::RateLimited {
+                retry_after_secs: 3600,
+            },
+        );
+        let err = client
+            .post_clocking(&clocking("6767676", 481))
+            .await
+            .expect_err("too long");
+        assert!(
+            matches!(err.kind, ErrorKind::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(3600)),
+            "{err}"
+        );
+        assert!(err.is_transient());
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn requests_are_spaced_by_the_rate_limiter() {
+        let (fake, ctl) = start().await;
+        ctl.set_page_size(1);
+        let client = client_for(
+            &fake,
+            HttpOptions {
+                min_interval: Duration::from_millis(150),
+                ..fast_options()
+            },
+        );
+        let started = Instant::now();
+        let people = client.people().await.expect("people");
+        assert_eq!(people.len(), 3);
+        // token + 3 pages, 150 ms apart, and nothing more.
+        assert!(started.elapsed() >= Duration::from_millis(450));
+        assert_eq!(ctl.wire().total(), 4);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_then_succeed_and_the_attempts_are_bounded() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        ctl.wire()
+            .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::InternalError);
+        ctl.wire()
+            .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::Unavailable);
+        client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect("after two 5xx");
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3);
+        assert_eq!(ctl.clockings().len(), 1);
+
+        ctl.wire()
+            .fail_next_on(endpoint::PEOPLE, 100, Fault::Unavailable);
+        let err = client.people().await.expect_err("persistent 503");
+        assert!(
+            matches!(&err.kind, ErrorKind::Vendor(a) if a.status == 503),
+            "{err}"
+        );
+        assert!(err.is_transient());
+        assert_eq!(ctl.wire().count(endpoint::PEOPLE), 4, "max_attempts");
+        ctl.wire().clear_faults();
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn garbage_answers_are_clear_errors() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        ctl.wire()
+            .fail_next_on(endpoint::PEOPLE, 1, Fault::GarbageBody);
+        let err = client.people().await.expect_err("garbage");
+        assert!(matches!(err.kind, ErrorKind::Malformed { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("GET /people"), "{text}");
+        assert!(text.contains("502 Bad Gateway"), "{text}");
+        // A 200 page instead of 201 on the POST cannot prove anything was stored or not.
+        ctl.wire()
+            .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::GarbageBody);
+        let err = client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect_err("garbage");
+        assert!(err.may_have_landed(), "{err}");
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_found_instead_of_posted_twice() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        let c = clocking("6767676", 480);
+        ctl.wire()
+            .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::ProcessThenDrop);
+        let err = client.post_clocking(&c).await.expect_err("answer lost");
+        assert!(matches!(err.kind, ErrorKind::AnswerLost { .. }), "{err}");
+        assert!(err.may_have_landed());
+        assert_eq!(
+            ctl.wire().count(endpoint::POST_CLOCKINGS),
+            1,
+            "never re-sent"
+        );
+        // What a sink does next: look before re-sending.
+        let found = client.find_clocking(&c).await.expect("lookup");
+        let found = found.expect("the clocking landed");
+        assert_eq!(found.badge_number.as_deref(), Some("6767676"));
+        assert_eq!(found.terminal_code.as_deref(), Some("gate-north"));
+        assert_eq!(ctl.clockings().len(), 1, "exactly one stored");
+        // A different minute is not the same clocking.
+        assert_eq!(
+            client.find_clocking(&clocking("6767676", 481)).await,
+            Ok(None)
+        );
+        // By person id the filter names the person.
+        let by_id = ProtimeClocking {
+            person: PersonRef::Id(1),
+            terminal: Some(TerminalRef::Id(7)),
+            ..c.clone()
+        };
+        assert!(client.find_clocking(&by_id).await.expect("by id").is_some());
+        let last = ctl.wire().log().last().cloned().expect("logged");
+        assert!(last.uri.contains("person+in+%281%29"), "{}", last.uri);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_timeout_after_sending_is_an_answer_lost_too() {
+        let (fake, ctl) = start().await;
+        let client = client_for(
+            &fake,
+            HttpOptions {
+                timeout: Duration::from_millis(300),
+                ..fast_options()
+            },
+        );
+        client.people().await.expect("warm up the token");
+        let c = clocking("1111", 600);
+        ctl.wire().fail_next_on(
+            endpoint::POST_CLOCKINGS,
+            1,
+            Fault::SlowAnswer(Duration::from_secs(2)),
+        );
+        let err = client.post_clocking(&c).await.expect_err("timeout");
+        assert!(err.may_have_landed(), "{err}");
+        assert!(client.find_clocking(&c).await.expect("lookup").is_some());
+        assert_eq!(ctl.clockings().len(), 1);
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 1);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_uplink_down_then_back_delivers_exactly_once() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        client.people().await.expect("token");
+        let c = clocking("6767676", 480);
+        ctl.wire().set_outage(true);
+        let err = client.post_clocking(&c).await.expect_err("down");
+        // Refused connections are plainly transient; a connection cut after the request was
+        // written cannot be told apart from a lost answer, so it is reported as one.
+        assert!(err.is_transient() || err.may_have_landed(), "{err}");
+        ctl.wire().set_outage(false);
+        if err.may_have_landed() {
+            assert_eq!(client.find_clocking(&c).await, Ok(None));
+        }
+        client.post_clocking(&c).await.expect("back up");
+        assert_eq!(ctl.clockings().len(), 1);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn find_follows_next_links_across_empty_pages() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        for m in 0..5 {
+            client
+                .post_clocking(&clocking("2222", 400 + m))
+                .await
+                .expect("post");
+        }
+        ctl.set_page_size(2);
+        ctl.set_empty_pages(2);
+        ctl.set_absolute_links(true);
+        let found = client
+            .find_clocking(&clocking("2222", 404))
+            .await
+            .expect("find");
+        assert_eq!(found.map(|f| f.time_of_day_in_minutes), Some(404));
+        // 3 data pages, each preceded by 2 empty ones.
+        assert_eq!(ctl.wire().count(endpoint::GET_CLOCKINGS), 9);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn access_clockings_delta_round_trip() {
+        let (fake, ctl) = start().await;
+        ctl.set_page_size(2);
+        ctl.set_empty_pages(1);
+        ctl.set_spell_unknown_badge_number(true);
+        let a = ctl.add_access_clocking(access(1, "2026-03-02", 480));
+        let b = ctl.add_access_clocking(access(2, "2026-03-02", 490));
+        let c = ctl.add_access_clocking(AccessClockingSpec {
+            status: fake::AccessStatus::UnknownBadge,
+            ..access(3, "2026-03-02", 500)
+        });
+        ctl.add_access_clocking(access(1, "2026-02-01", 100)); // before `from`
+        let client = client_for(&fake, fast_options());
+
+        let initial = client
+            .access_clockings_initial(day("2026-03-01"))
+            .await
+            .expect("initial");
+        let mut held = BTreeMap::new();
+        let applied = apply_access_changes(&mut held, initial.changes);
+        assert_eq!(
+            applied,
+            vec![
+                Applied::Inserted(a),
+                Applied::Inserted(b),
+                Applied::Inserted(c)
+            ]
+        );
+        let HeldAccess::Live(first) = &held[&a] else {
+            panic!("live");
+        };
+        assert_eq!(first.badge_number.as_deref(), Some("6767676"));
+        assert_eq!(first.terminal_code.as_deref(), Some("gate-north"));
+        let HeldAccess::Live(unknown) = &held[&c] else {
+            panic!("live");
+        };
+        assert_eq!(unknown.status, AccessStatus::UnknownBadge);
+        // 2 data pages, each after one empty page.
+        assert_eq!(ctl.wire().count(endpoint::ACCESS_CLOCKINGS), 4);
+
+        // Changes: an update, a delete, a new one, and a stale re-send of the old version.
+        assert!(ctl.update_access_clocking(a, access(1, "2026-03-02", 481)));
+        assert!(ctl.delete_access_clocking(b));
+        let d = ctl.add_access_clocking(access(2, "2026-03-03", 10));
+        assert!(ctl.resend_stale_access_clocking(a));
+        let mut link = initial.delta_link;
+        let mut applied = Vec::new();
+        // Each deltaLink answer is one page (page size 2): read until no change is left.
+        loop {
+            let delta = client.access_clockings_delta(&link).await.expect("delta");
+            link = delta.delta_link;
+            if delta.changes.is_empty() {
+                break;
+            }
+            applied.extend(apply_access_changes(&mut held, delta.changes));
+        }
+        assert_eq!(
+            applied,
+            vec![
+                Applied::Updated(a),
+                Applied::Deleted(b),
+                Applied::Inserted(d),
+                Applied::Stale(a)
+            ]
+        );
+        let HeldAccess::Live(updated) = &held[&a] else {
+            panic!("live");
+        };
+        assert_eq!(updated.time_of_day_in_minutes, 481, "stale version ignored");
+        assert!(matches!(held[&b], HeldAccess::Deleted { .. }));
+
+        // 409: another delta is active → DeltaBusy, not retried here.
+        ctl.set_delta_conflicts(1);
+        let before = ctl.wire().count(endpoint::DELTA_ACCESS_CLOCKINGS);
+        let err = client
+            .access_clockings_delta(&link)
+            .await
+            .expect_err("busy");
+        assert_eq!(err.kind, ErrorKind::DeltaBusy);
+        assert!(err.is_transient());
+        assert_eq!(
+            ctl.wire().count(endpoint::DELTA_ACCESS_CLOCKINGS),
+            before + 1
+        );
+        client
+            .access_clockings_delta(&link)
+            .await
+            .expect("after backing off");
+
+        // 410: the token expired → DeltaExpired; a new initial round works.
+        ctl.expire_delta_tokens();
+        let err = client
+            .access_clockings_delta(&link)
+            .await
+            .expect_err("gone");
+        assert_eq!(err.kind, ErrorKind::DeltaExpired);
+        assert!(!err.is_transient());
+        let resync = client
+            .access_clockings_initial(day("2026-03-01"))
+            .await
+            .expect("re-sync");
+        assert_eq!(resync.changes.len(), 3);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn people_give_the_badge_map() {
+        let (fake, ctl) = start().await;
+        ctl.set_page_size(2);
+        ctl.set_empty_pages(1);
+        let client = client_for(&fake, fast_options());
+        let people = client.people().await.expect("people");
+        assert_eq!(people.len(), 3);
+        let map = badge_map(&people);
+        assert_eq!(map.get("6767676"), Some(&1));
+        assert_eq!(map.get("2222"), Some(&3));
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn links_to_another_host_are_not_followed() {
+        let (fake, _ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        let err = client
+            .access_clockings_delta("http://203.0.113.9/delta/access-clockings?deltaToken=x")
+            .await
+            .expect_err("foreign link");
+        assert!(matches!(err.kind, ErrorKind::Malformed { .. }), "{err}");
+        fake.shutdown().await;
+    }
+
+    fn held(id: i64, version: &str, minutes: u16) -> AccessChange {
+        AccessChange::Upsert(AccessClocking {
+            id,
+            change_version: version.into(),
+            person_id: Some(1),
+            badge_number: None,
+            date: day("2026-03-02"),
+            time_of_day_in_minutes: minutes,
+            terminal_id: Some(7),
+            terminal_code: None,
+            status: AccessStatus::AccessOk,
+        })
+    }
+
+    #[test]
+    fn apply_ignores_stale_versions_and_keeps_tombstones() {
+        let mut map = BTreeMap::new();
+        let applied = apply_access_changes(
+            &mut map,
+            vec![
+                held(1, "0005", 10),
+                held(1, "0004", 11),
+                held(1, "0005", 12),
+                AccessChange::Delete {
+                    id: 1,
+                    change_version: "0007".into(),
+                },
+                held(1, "0006", 13),
+                held(1, "0008", 14),
+                AccessChange::Delete {
+                    id: 2,
+                    change_version: "0001".into(),
+                },
+            ],
+        );
+        assert_eq!(
+            applied,
+            vec![
+                Applied::Inserted(1),
+                Applied::Stale(1),
+                Applied::Stale(1),
+                Applied::Deleted(1),
+                Applied::Stale(1),
+                Applied::Inserted(1),
+                Applied::Deleted(2),
+            ]
+        );
+        assert!(matches!(&map[&1], HeldAccess::Live(a) if a.time_of_day_in_minutes == 14));
+    }
+
+    #[test]
+    fn access_items_parse_both_shapes_and_reject_nonsense() {
+        let plain = serde_json::json!({"changeVersion":"01","id":5,"person":{"id":1},
+            "date":"2026-03-02","timeOfDayInMinutes":5,"terminal":{"id":7},"status":"UnknownBadgeNumber"});
+        let Ok(AccessChange::Upsert(a)) = parse_access_item(&plain) else {
+            panic!("plain item");
+        };
+        assert_eq!(a.status, AccessStatus::UnknownBadge);
+        let wrapped =
+            serde_json::json!({"changeType":"Delete","data":{"id":5,"changeVersion":"02"}});
+        assert_eq!(
+            parse_access_item(&wrapped),
+            Ok(AccessChange::Delete {
+                id: 5,
+                change_version: "02".into()
+            })
+        );
+        let mut bad_status = plain.clone();
+        bad_status["status"] = "Teleported".into();
+        assert!(parse_access_item(&bad_status).is_err());
+        let mut bad_minutes = plain;
+        bad_minutes["timeOfDayInMinutes"] = 1440.into();
+        assert!(parse_access_item(&bad_minutes).is_err());
+        assert!(parse_access_item(&serde_json::json!({"changeType":"Explode"})).is_err());
+        assert!(parse_access_item(&serde_json::json!([1, 2])).is_err());
+    }
+
+    #[test]
+    fn validation_errors_read_as_field_messages() {
+        let v = serde_json::json!({"person.id":["No person found with id 9."],"date":[]});
+        assert_eq!(
+            validation_reasons(&v),
+            vec![
+                "date".to_string(),
+                "person.id: No person found with id 9.".into()
+            ]
+        );
+        assert_eq!(
+            validation_reasons(&serde_json::json!(["a", 1])),
+            vec!["a", "1"]
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! The Protime sink against the fake Protime (wire format, quirks, faults), with the real agent
+//! binary, its store on disk and a real Mosquitto (the MQTT sink runs beside it).
+
+mod support;
+
+use std::time::Duration;
+
+use badgegate::fakes::protime::{
+    endpoint, FakeProtime, Person, Terminal, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
+};
+use badgegate::fakes::Fault;
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+struct Rig {
+    _mosquitto: Mosquitto,
+    fake: FakeProtime,
+    _dir: tempfile::TempDir,
+    agent: AgentProc,
+    api: Api,
+}
+
+async fn rig() -> Rig {
+    let mosquitto = Mosquitto::start();
+    let fake = FakeProtime::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctl = fake.control();
+    for (id, badge) in [(1, "4711"), (2, "4712")] {
+        ctl.add_person(Person {
+            id,
+            badge_number: badge.into(),
+            employee_number: format!("E{id}"),
+            first_name: "Test".into(),
+            last_name: format!("Person{id}"),
+        });
+    }
+    ctl.add_terminal(Terminal {
+        id: 10,
+        external_code: "gate-1".into(),
+    });
+    ctl.add_terminal(Terminal {
+        id: 20,
+        external_code: "gate-2".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protime-secret"),
+        format!("{DEFAULT_CLIENT_SECRET}\n"),
+    )
+    .unwrap();
+    let sink = format!(
+        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
+        fake.base_url(),
+        fake.token_url()
+    );
+    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &sink);
+    Rig {
+        _mosquitto: mosquitto,
+        fake,
+        _dir: dir,
+        agent,
+        api: Api::new(),
+    }
+}
+
+async fn protime_queue(api: &Api, agent: &AgentProc) -> (u64, u64) {
+    let (_, v) = api.get_json(agent, "/v1/queue/stats").await;
+    let s = v["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "protime")
+        .cloned()
+        .unwrap();
+    (
+        s["pending"].as_u64().unwrap(),
+        s["dead_letters"].as_u64().unwrap(),
+    )
+}
+
+async fn wait_protime(api: &Api, agent: &AgentProc, want: (u64, u64)) {
+    eventually(&format!("protime queue {want:?}"), LONG, || async {
+        protime_queue(api, agent).await == want
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clockings_reach_protime_once_rejections_become_dead_letters_and_replay() {
+    // Bound whole: the temporary directory holds the config and the store.
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+
+    // 23:30 UTC on 1 July is 01:30 on 2 July in Brussels.
+    let (s, _) = api
+        .post(
+            agent,
+            &clocking("gate-1", "4711", "2026-07-01T23:30:00Z", "in"),
+        )
+        .await;
+    assert_eq!(s, 202);
+    wait_protime(api, agent, (0, 0)).await;
+    let stored = ctl.clockings();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].person_id, 1);
+    assert_eq!(stored[0].date.to_string(), "2026-07-02");
+    assert_eq!(stored[0].time_of_day_in_minutes, 90);
+    assert_eq!(stored[0].kind.as_str(), "InOut");
+    assert_eq!(stored[0].terminal_id, Some(10));
+
+    // Protime stores the next POST but the connection drops before the answer: the agent
+    // looks it up instead of posting again.
+    ctl.wire()
+        .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::ProcessThenDrop);
+    api.post(
+        agent,
+        &clocking("gate-2", "4712", "2026-07-02T08:00:00+02:00", "out"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    assert_eq!(
+        ctl.clockings().len(),
+        2,
+        "the lost answer produced no duplicate"
+    );
+    assert!(
+        ctl.wire().count(endpoint::GET_CLOCKINGS) >= 1,
+        "it looked before re-sending"
+    );
+
+    // An unknown badge is rejected: a dead letter, and the queue goes on.
+    api.post(
+        agent,
+        &clocking("gate-1", "9999", "2026-07-02T08:05:00+02:00", "in"),
+    )
+    .await;
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:06:00+02:00", "out"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 1)).await;
+    assert_eq!(ctl.clockings().len(), 3);
+    assert_eq!(
+        api.metric(agent, "badgegate_dead_letters{sink=\"protime\"}")
+            .await,
+        1.0
+    );
+    let (_, health) = api.get_json(agent, "/healthz").await;
+    assert_eq!(health["dead_letters"], 1);
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+    let listed = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || {
+            badgegate()
+                .args([
+                    "queue", "list", "--config", &cfg, "--sink", "protime", "--json",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let line: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(line["badge"], "9999");
+    assert!(
+        line["dead_letters"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("badge"),
+        "{line}"
+    );
+
+    // The badge gets a person in Protime; the dead letter is replayed and delivered.
+    ctl.add_person(Person {
+        id: 3,
+        badge_number: "9999".into(),
+        employee_number: "E3".into(),
+        first_name: "Late".into(),
+        last_name: "Arrival".into(),
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        badgegate()
+            .args([
+                "queue",
+                "replay-dead-letters",
+                "--config",
+                &cfg,
+                "--sink",
+                "protime",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1 dead letter(s)"));
+    wait_protime(api, agent, (0, 0)).await;
+    let stored = ctl.clockings();
+    assert_eq!(stored.len(), 4);
+    assert!(stored.iter().any(|c| c.person_id == 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_while_a_post_is_in_flight_never_duplicates() {
+    let mut rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &mut rig;
+    let ctl = fake.control();
+    // Protime processes the POST, then takes its time to answer.
+    ctl.wire().fail_next_on(
+        endpoint::POST_CLOCKINGS,
+        1,
+        Fault::SlowAnswer(Duration::from_secs(30)),
+    );
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:00:00+02:00", "in"),
+    )
+    .await;
+    assert!(ctl.wire().wait_for(endpoint::POST_CLOCKINGS, 1, LONG).await);
+    eventually("the POST was processed", LONG, || async {
+        ctl.clockings().len() == 1
+    })
+    .await;
+    agent.kill9();
+
+    agent.spawn();
+    wait_protime(api, agent, (0, 0)).await;
+    assert_eq!(
+        ctl.clockings().len(),
+        1,
+        "found by the lookup, not posted again"
+    );
+    assert!(ctl.wire().count(endpoint::GET_CLOCKINGS) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protime_unreachable_for_a_while_then_everything_delivered() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    ctl.wire().set_outage(true);
+    let items: Vec<Value> = (0..20)
+        .map(|i| {
+            clocking(
+                if i % 2 == 0 { "gate-1" } else { "gate-2" },
+                if i % 3 == 0 { "4711" } else { "4712" },
+                &format!("2026-07-03T09:{i:02}:00+02:00"),
+                "in",
+            )
+        })
+        .collect();
+    api.post_all(agent, &items).await;
+    eventually("Protime marked unreachable", LONG, || async {
+        api.get_json(agent, "/healthz").await.1["protime"]["last_error"].is_string()
+    })
+    .await;
+    assert_eq!(protime_queue(api, agent).await, (20, 0));
+    ctl.wire().set_outage(false);
+    wait_protime(api, agent, (0, 0)).await;
+    assert_eq!(ctl.clockings().len(), 20, "each exactly once");
+}
