@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::app::Agent;
 use crate::config::Config;
+use crate::fakes::protime::FakeProtime;
 use crate::localhttp;
 use crate::store::SinkId;
 use crate::terminals::anviz::codec::Record;
@@ -32,16 +33,22 @@ use proxy::Uplink;
 
 const SITE: &str = "demo";
 /// Clockings per second per simulated TC-B terminal.
-const RATE: u64 = 40;
+const RATE: u64 = 10;
 /// Clockings per second from the HTTP kiosk.
-const KIOSK_RATE: u64 = 5;
+const KIOSK_RATE: u64 = 2;
 
 fn demo_config(
     data_dir: &std::path::Path,
     mqtt: SocketAddr,
     north: SocketAddr,
     south_listen: SocketAddr,
+    protime: &FakeProtime,
 ) -> anyhow::Result<Config> {
+    std::fs::write(
+        data_dir.join("protime-secret"),
+        crate::fakes::protime::DEFAULT_CLIENT_SECRET,
+    )
+    .context("writing the demo's Protime secret")?;
     let text = format!(
         r#"
 [agent]
@@ -85,8 +92,19 @@ backfill_interval_secs = 2
 [[terminals]]
 id = "kiosk"
 kind = "http"
+
+# Every clocking also goes to (a faithful fake of) Protime.
+[sinks.protime]
+base_url = "{}"
+token_url = "{}"
+client_id = "{}"
+client_secret_file = "protime-secret"
+timezone = "Europe/Brussels"
 "#,
-        data_dir.display()
+        data_dir.display(),
+        protime.base_url(),
+        protime.token_url(),
+        crate::fakes::protime::DEFAULT_CLIENT_ID,
     );
     Config::parse(&text, data_dir).map_err(|e| anyhow::anyhow!("demo config: {e}"))
 }
@@ -117,7 +135,17 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         .await
         .context("starting the simulated terminal gate-north")?;
     let south_listen = free_loopback_addr().context("finding a port for gate-south")?;
-    let config = demo_config(dir.path(), uplink.addr(), north_addr, south_listen)?;
+    let protime = FakeProtime::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("starting the fake Protime")?;
+    seed_protime(&protime);
+    let config = demo_config(
+        dir.path(),
+        uplink.addr(),
+        north_addr,
+        south_listen,
+        &protime,
+    )?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let api = agent.http_addr();
     let south = Simulator::new(SimulatorConfig {
@@ -187,6 +215,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         let elapsed = start.elapsed();
         if elapsed >= outage_at && elapsed < restore_at && uplink.is_up() {
             uplink.set_up(false);
+            protime.control().wire().set_outage(true);
             println!("  -- uplink cut: clockings keep coming and are buffered on disk");
         }
         if elapsed >= restore_at && !uplink.is_up() {
@@ -203,11 +232,12 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
                 }
             }
             uplink.set_up(true);
+            protime.control().wire().set_outage(false);
             stop_tx.send_replace(true);
             restored_at = Some(Instant::now());
             println!("  -- uplink restored, terminals stopped: draining the backlog");
         }
-        let backlog = pending(&agent).await;
+        let (backlog, protime_backlog) = pending(&agent).await;
         max_backlog = max_backlog.max(backlog);
         let stored = agent.metrics().stored.load(Ordering::Relaxed);
         let delivered = arrivals.ids.lock().map(|s| s.len() as u64).unwrap_or(0);
@@ -226,7 +256,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             );
         }
         if let Some(at) = restored_at {
-            if backlog == 0 && delivered >= stored && on_devices == 0 {
+            if backlog == 0 && protime_backlog == 0 && delivered >= stored && on_devices == 0 {
                 drained_in = Some(at.elapsed());
                 break;
             }
@@ -245,10 +275,20 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let redelivered = arrivals.redelivered.load(Ordering::Relaxed);
     let bad = arrivals.bad_payloads.load(Ordering::Relaxed);
     let device_backlog = north.new_count() + south.new_count();
+    let in_protime = protime.control().clockings().len();
+    let dead_letters = {
+        let store = agent.store().clone();
+        tokio::task::spawn_blocking(move || store.stats())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map_or(0, |s| s.sinks.iter().map(|k| k.dead_letters).sum::<u64>())
+    };
     agent.shutdown().await;
     subscriber.abort();
     north.stop().await;
     south.stop().await;
+    protime.shutdown().await;
     broker.shutdown().await;
 
     println!();
@@ -269,6 +309,14 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     println!(
         "  │ delivered twice (at-least-once)       {:>16} │",
         redelivered
+    );
+    println!(
+        "  │ delivered to Protime (POST /clockings)  {:>14} │",
+        in_protime
+    );
+    println!(
+        "  │ rejected by Protime → dead letters    {:>16} │",
+        dead_letters
     );
     println!(
         "  │ max backlog during the outage         {:>16} │",
@@ -293,6 +341,11 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     if bad > 0 {
         bail!("{bad} payloads did not match the contract");
     }
+    if in_protime as u64 + dead_letters != stored {
+        bail!(
+            "Protime holds {in_protime} clockings and {dead_letters} were dead-lettered, but {stored} were stored"
+        );
+    }
     if delivered != stored || drained_in.is_none() {
         bail!(
             "{} stored clockings were not delivered",
@@ -303,19 +356,47 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pending(agent: &Agent) -> u64 {
+/// Clockings not yet confirmed by (MQTT, Protime).
+async fn pending(agent: &Agent) -> (u64, u64) {
     let store = agent.store().clone();
-    tokio::task::spawn_blocking(move || store.stats())
+    let stats = tokio::task::spawn_blocking(move || store.stats())
         .await
         .ok()
-        .and_then(|r| r.ok())
-        .and_then(|s| {
-            s.sinks
-                .iter()
-                .find(|k| k.sink == SinkId::Mqtt.as_str())
-                .map(|k| k.pending)
-        })
-        .unwrap_or(0)
+        .and_then(|r| r.ok());
+    let of = |sink: SinkId| {
+        stats
+            .as_ref()
+            .and_then(|s| {
+                s.sinks
+                    .iter()
+                    .find(|k| k.sink == sink.as_str())
+                    .map(|k| k.pending)
+            })
+            .unwrap_or(0)
+    };
+    (of(SinkId::Mqtt), of(SinkId::Protime))
+}
+
+/// The people and terminals the demo's Protime tenant knows. Badge 1399 is left out on purpose:
+/// its clockings are rejected and show up as dead letters.
+fn seed_protime(protime: &FakeProtime) {
+    use crate::fakes::protime::{Person, Terminal};
+    let ctl = protime.control();
+    for badge in (1000..1399).chain(5000..5050) {
+        ctl.add_person(Person {
+            id: badge,
+            badge_number: badge.to_string(),
+            employee_number: format!("E{badge}"),
+            first_name: "Demo".into(),
+            last_name: format!("Worker {badge}"),
+        });
+    }
+    for (id, code) in [(1, "gate-north"), (2, "gate-south"), (3, "kiosk")] {
+        ctl.add_terminal(Terminal {
+            id,
+            external_code: code.into(),
+        });
+    }
 }
 
 /// A TC-B terminal: a badge presented every 1/RATE s, stored on the device and pushed in real
