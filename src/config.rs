@@ -95,6 +95,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer …` on `/v1/*` (mandatory when not bound to loopback).
+    pub token: Option<Secret>,
     pub max_body_bytes: usize,
     pub max_batch: usize,
 }
@@ -382,6 +384,7 @@ struct RawAgent {
 #[derive(Deserialize, Default)]
 struct RawHttp {
     listen: Option<String>,
+    token_file: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
 }
@@ -659,8 +662,20 @@ impl Validator {
         if max_body_bytes < 1024 {
             self.problem("http.max_body_bytes", "must be at least 1024");
         }
+        let token = match raw.token_file {
+            Some(p) => self.secret("http.token_file", Some(p)),
+            None if !listen.ip().is_loopback() => {
+                self.problem(
+                    "http.token_file",
+                    format!("required when http.listen ({listen}) is not a loopback address: anyone on the network could post clockings"),
+                );
+                None
+            }
+            None => None,
+        };
         HttpConfig {
             listen,
+            token,
             max_body_bytes,
             max_batch,
         }
@@ -1105,6 +1120,23 @@ mod tests {
         let err = parse("[agent\nsite=").unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(err.to_string().starts_with("config: not valid TOML"));
+    }
+
+    #[test]
+    fn an_api_off_loopback_requires_a_token() {
+        let open = MINIMAL.replace("[mqtt]", "[http]\nlisten = \"0.0.0.0:8780\"\n[mqtt]");
+        assert_eq!(
+            keys(parse(&open).unwrap_err()),
+            vec!["http.token_file".to_string()]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+        let with = open.replace(
+            "listen = \"0.0.0.0:8780\"",
+            "listen = \"0.0.0.0:8780\"\ntoken_file = \"token\"",
+        );
+        let c = Config::parse(&with, dir.path()).unwrap();
+        assert_eq!(c.http.token.unwrap().expose(), "s3cret");
     }
 
     #[test]

@@ -29,14 +29,52 @@ pub struct ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    // /v1/* changes or reveals clockings: behind the bearer token when one is configured.
+    // /healthz and /metrics stay open for monitoring.
+    let v1 = Router::new()
         .route("/v1/clockings", post(post_clockings))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .route("/v1/queue/stats", get(queue_stats))
         .route("/v1/queue/clockings", get(queue_clockings))
         .route("/v1/queue/replay-dead-letters", post(replay_dead_letters))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
         .with_state(state)
+}
+
+async fn require_token(
+    State(st): State<ApiState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &st.config.http.token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare without an early exit, so the answer time says nothing about the token.
+    let ok = given.is_some_and(|g| {
+        let (a, b) = (g.as_bytes(), token.expose().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the token of http.token_file as Authorization: Bearer <token>",
+        )
+        .into_response()
+    }
 }
 
 /// A 4xx/5xx answer in the contract's error shape.

@@ -16,7 +16,19 @@ pub async fn request(
     json_body: Option<&[u8]>,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
-    tokio::time::timeout(timeout, exchange(addr, method, path, json_body))
+    request_with_token(addr, method, path, json_body, None, timeout).await
+}
+
+/// The same, with the agent's bearer token (`http.token_file`).
+pub async fn request_with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&[u8]>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    tokio::time::timeout(timeout, exchange(addr, method, path, json_body, token))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
 }
@@ -26,10 +38,14 @@ async fn exchange(
     method: &str,
     path: &str,
     json_body: Option<&[u8]>,
+    token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
     let mut conn = TcpStream::connect(addr).await?;
     let body = json_body.unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     if json_body.is_some() {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

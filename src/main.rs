@@ -239,7 +239,7 @@ fn print_stats(s: &QueueStats) {
 }
 
 fn get_from_agent(config: &Config, path: &str) -> Result<serde_json::Value, String> {
-    queue_tools::get(queue_tools::api_addr(config), path)
+    queue_tools::get(&queue_tools::Agent::of(config), path)
 }
 
 fn stats_from_agent(config: &Config) -> Result<QueueStats, String> {

@@ -16,8 +16,24 @@ use crate::store::{self, Change, QueueFilter, SinkId, Store, StoreError, Writer}
 pub enum Access {
     /// The agent is stopped: the store itself.
     Local(Arc<Store>),
-    /// The agent runs: its API.
-    Remote(SocketAddr),
+    /// The agent runs: its API (and its bearer token, when it has one).
+    Remote(Agent),
+}
+
+/// Where the running agent's API is and how to authenticate to it.
+#[derive(Clone)]
+pub struct Agent {
+    pub addr: SocketAddr,
+    pub token: Option<crate::config::Secret>,
+}
+
+impl Agent {
+    pub fn of(config: &Config) -> Agent {
+        Agent {
+            addr: api_addr(config),
+            token: config.http.token.clone(),
+        }
+    }
 }
 
 /// The selection as query parameters (the API's form).
@@ -59,7 +75,7 @@ impl Access {
     pub fn open(config: &Config) -> Result<Access, String> {
         match store::open_offline(&config.agent.data_dir, &sinks(config)) {
             Ok(s) => Ok(Access::Local(Arc::new(s))),
-            Err(StoreError::Locked { .. }) => Ok(Access::Remote(api_addr(config))),
+            Err(StoreError::Locked { .. }) => Ok(Access::Remote(Agent::of(config))),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -82,13 +98,13 @@ impl Access {
                     .flatten();
                 Ok((page.iter().map(|q| q.to_json()).collect(), next))
             }
-            Access::Remote(addr) => {
+            Access::Remote(agent) => {
                 let mut q = query.clone();
                 q.insert("limit".into(), limit.to_string());
                 if let Some(a) = after {
                     q.insert("after".into(), a.to_string());
                 }
-                let v = get(*addr, &format!("/v1/queue/clockings?{}", encode(&q)))?;
+                let v = get(agent, &format!("/v1/queue/clockings?{}", encode(&q)))?;
                 let items = v["clockings"].as_array().cloned().unwrap_or_default();
                 Ok((items, v["next_after"].as_u64()))
             }
@@ -104,9 +120,9 @@ impl Access {
                 writer.join();
                 result.map_err(|e| e.to_string())
             }
-            Access::Remote(addr) => {
+            Access::Remote(agent) => {
                 let v = request(
-                    *addr,
+                    agent,
                     "POST",
                     &format!("/v1/queue/replay-dead-letters?sink={}", sink.as_str()),
                 )?;
@@ -126,22 +142,24 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// GET a JSON document from the running agent's local API.
-pub fn get(addr: SocketAddr, path: &str) -> Result<Value, String> {
-    request(addr, "GET", path)
+pub fn get(agent: &Agent, path: &str) -> Result<Value, String> {
+    request(agent, "GET", path)
 }
 
-fn request(addr: SocketAddr, method: &str, path: &str) -> Result<Value, String> {
+fn request(agent: &Agent, method: &str, path: &str) -> Result<Value, String> {
+    let addr = agent.addr;
     let body = if method == "POST" {
         Some(&b"{}"[..])
     } else {
         None
     };
     let (status, text) = runtime()?
-        .block_on(crate::localhttp::request(
+        .block_on(crate::localhttp::request_with_token(
             addr,
             method,
             path,
             body,
+            agent.token.as_ref().map(|t| t.expose()),
             Duration::from_secs(30),
         ))
         .map_err(|e| {

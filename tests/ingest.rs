@@ -220,3 +220,62 @@ async fn full_store_answers_507_and_recovers() {
         .await;
     assert_eq!(s, 202);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_v1_api_when_configured() {
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api-token"), "tok-123\n").unwrap();
+    // The token goes into [http]: rewrite the test config's listen line.
+    let mut agent = AgentProc::start(dir.path(), &mosquitto.url());
+    agent.kill9();
+    let cfg = std::fs::read_to_string(&agent.config_path).unwrap();
+    let cfg = cfg.replacen("[http]\n", "[http]\ntoken_file = \"api-token\"\n", 1);
+    std::fs::write(&agent.config_path, cfg).unwrap();
+    agent.spawn();
+    let api = Api::new();
+    let c = clocking("gate-1", "1", "2026-03-01T08:00:00+01:00", "in");
+
+    let (s, b) = api.post(&agent, &c).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let r = api
+        .client
+        .post(agent.url("/v1/clockings"))
+        .bearer_auth("wrong")
+        .json(&c)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = api
+        .client
+        .post(agent.url("/v1/clockings"))
+        .bearer_auth("tok-123")
+        .json(&c)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let (s, _) = api.get_json(&agent, "/healthz").await;
+    assert_eq!(s, 200, "health stays open for monitoring");
+
+    // The CLI reads the token from the same config.
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+    let o = tokio::task::spawn_blocking(move || {
+        badgegate()
+            .args(["queue", "stats", "--config", &cfg, "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
