@@ -21,6 +21,8 @@ use crate::terminals::anviz::link::AnvizLink;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Tls(String),
     #[error("sinks.protime: {0}")]
     Protime(crate::clouds::CloudError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
@@ -77,7 +79,8 @@ impl Agent {
                 store.clone(),
                 writer_handle.clone(),
                 metrics.clone(),
-            );
+            )
+            .map_err(StartError::Tls)?;
             sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
         }
         if let Some(p) = &config.sinks.protime {

@@ -697,12 +697,6 @@ impl Validator {
                 false
             }
         };
-        if tls {
-            self.problem(
-                "mqtt.url",
-                "mqtts is not supported by this build yet; use mqtt:// on a trusted network",
-            );
-        }
         let hostport = rest.trim_end_matches('/');
         let (host, port) = match hostport.rsplit_once(':') {
             Some((h, p)) => match p.parse::<u16>() {

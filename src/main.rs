@@ -140,7 +140,7 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
                 eprintln!("badgegate: {e}");
                 return ExitCode::from(match e {
                     StartError::Store(_) | StartError::Bind { .. } => EXIT_IO,
-                    StartError::Protime(_) => EXIT_USAGE,
+                    StartError::Protime(_) | StartError::Tls(_) => EXIT_USAGE,
                 });
             }
         };

@@ -33,6 +33,8 @@ const READ_AHEAD: usize = 512;
 
 pub struct MqttSink {
     cfg: MqttConfig,
+    /// For `mqtts://`: built once at start, so a bad CA or key file stops the start.
+    tls: Option<Arc<rustls::ClientConfig>>,
     site: String,
     store: Arc<Store>,
     writer: WriterHandle,
@@ -60,14 +62,20 @@ impl MqttSink {
         store: Arc<Store>,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
-    ) -> MqttSink {
-        MqttSink {
+    ) -> Result<MqttSink, String> {
+        let tls = if cfg.tls {
+            Some(Arc::new(tls_config(&cfg)?))
+        } else {
+            None
+        };
+        Ok(MqttSink {
             cfg,
+            tls,
             site,
             store,
             writer,
             metrics,
-        }
+        })
     }
 
     pub fn clocking_topic(prefix: &str, site: &str, terminal: &str) -> String {
@@ -161,6 +169,11 @@ impl MqttSink {
             QoS::AtLeastOnce,
             true,
         ));
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         if let (Some(user), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
             o.set_credentials(user, pw.expose());
         } else if let Some(user) = &self.cfg.username {
@@ -482,8 +495,54 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, Co
     }
 }
 
+/// TLS for `mqtts://`: the CA of `mqtt.ca_file` (else the system's bundle), an optional client
+/// certificate (mTLS), and the broker's name checked against its certificate (rustls always
+/// verifies it; there is deliberately no switch to turn that off).
+pub fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    crate::clouds::install_crypto_provider();
+    let ca = cfg
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    let key = if cfg.ca_file.is_some() {
+        "mqtt.ca_file"
+    } else {
+        "mqtt.ca_file (not set: the system bundle)"
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("{key}: cannot read certificates from {}: {e}", ca.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "{key}: no usable CA certificate in {}",
+            ca.display()
+        ));
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(k)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| format!("mqtt.client_cert_file: {}: {e}", cert.display()))?;
+            let private = PrivateKeyDer::from_pem_file(k)
+                .map_err(|e| format!("mqtt.client_key_file: {}: {e}", k.display()))?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| format!("mqtt.client_cert_file / client_key_file: {e}"))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
 fn describe(e: &ConnectionError) -> String {
     match e {
+        ConnectionError::Tls(tls) => format!(
+            "TLS handshake failed: {tls} (check mqtt.ca_file, the broker's certificate and that mqtt.url names the host in it)"
+        ),
         ConnectionError::Io(io) => format!("network error: {io}"),
         ConnectionError::ConnectionRefused(code) => {
             format!("broker refused the connection: {code:?} (check mqtt.username/password_file)")

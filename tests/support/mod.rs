@@ -52,18 +52,30 @@ pub struct Mosquitto {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More listeners (TLS, passwords), appended to the config; `per_listener_settings` is on.
+    extra: String,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// A plain anonymous listener on `port` (for the tests' subscribers) plus `extra` config.
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Mosquitto {
             port: free_port(),
             child: None,
             dir,
+            extra: extra.to_owned(),
         };
         m.spawn();
         m
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn spawn(&mut self) {
@@ -71,8 +83,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\n",
-                self.port
+                "per_listener_settings true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 0\nlistener {} 127.0.0.1\nallow_anonymous true\n{}\n",
+                self.port, self.extra
             ),
         )
         .unwrap();
