@@ -35,6 +35,18 @@ impl Ingest {
     /// Turn new clockings into stored ones. Every terminal must be configured (callers validate
     /// first); returns after the fsync'd commit, one outcome per clocking, in order.
     pub async fn submit(&self, batch: Vec<NewClocking>) -> Result<Vec<IngestOutcome>, StoreError> {
+        self.submit_with_state(batch, Vec::new()).await
+    }
+
+    /// [`submit`](Self::submit), writing `state` values (a source's watermark) in the same
+    /// transaction: the watermark advances exactly when the clockings it covers are stored.
+    /// Cloud sources may name terminals that are not configured (`crosschex-<serial>`...); those
+    /// read their wall clock in `agent.timezone`.
+    pub async fn submit_with_state(
+        &self,
+        batch: Vec<NewClocking>,
+        state: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
         let now = Utc::now();
         let site = &self.config.agent.site;
         let mut clockings = Vec::with_capacity(batch.len());
@@ -47,7 +59,7 @@ impl Ingest {
             let status = new.status.unwrap_or_else(|| access::decide(&new));
             clockings.push(Clocking::from_new(site, tz, new, status, now));
         }
-        match self.writer.ingest(clockings, Vec::new()).await {
+        match self.writer.ingest(clockings, state).await {
             Ok(outcomes) => {
                 let stored = outcomes.iter().filter(|o| o.stored).count() as u64;
                 self.metrics.stored.fetch_add(stored, Ordering::Relaxed);

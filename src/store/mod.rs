@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 
-use crate::model::Clocking;
+use crate::model::{Clocking, Source};
 
 pub use writer::{Change, DeadLetter, IngestOutcome, Writer, WriterHandle};
 
@@ -68,6 +68,12 @@ impl SinkId {
 
     pub fn from_name(name: &str) -> Option<SinkId> {
         SinkId::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether clockings from `source` are queued for this sink. A clocking mirrored from
+    /// Protime is never sent back to Protime (no echo); every other pair is delivered.
+    pub fn takes(self, source: Source) -> bool {
+        !matches!((self, source), (SinkId::Protime, Source::Protime))
     }
 
     pub(crate) fn table(self) -> TableDefinition<'static, u64, ()> {

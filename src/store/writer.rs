@@ -385,17 +385,25 @@ impl WriterState {
                             }
                             let seq = self.next_seq;
                             self.next_seq += 1;
-                            let bytes = postcard::to_allocvec(c)
-                                .map_err(|e| StoreError::Io(format!("encoding clocking: {e}")))?;
-                            outbox
-                                .insert(seq, bytes.as_slice())
-                                .map_err(StoreError::from_redb)?;
+                            // No echo: a clocking is not queued for the sink it came from. One
+                            // that no sink takes is only remembered (its id dedupes re-reads).
+                            let takers: Vec<usize> = (0..sinks.len())
+                                .filter(|&i| sinks[i].takes(c.source))
+                                .collect();
+                            if !takers.is_empty() {
+                                let bytes = postcard::to_allocvec(c).map_err(|e| {
+                                    StoreError::Io(format!("encoding clocking: {e}"))
+                                })?;
+                                outbox
+                                    .insert(seq, bytes.as_slice())
+                                    .map_err(StoreError::from_redb)?;
+                            }
                             ids.insert(c.id.0, seq).map_err(StoreError::from_redb)?;
                             expiry
                                 .insert((expires, c.id.0), ())
                                 .map_err(StoreError::from_redb)?;
-                            for t in pending.iter_mut() {
-                                t.insert(seq, ()).map_err(StoreError::from_redb)?;
+                            for i in takers {
+                                pending[i].insert(seq, ()).map_err(StoreError::from_redb)?;
                             }
                             outcomes.push(IngestOutcome {
                                 id: c.id,
@@ -698,6 +706,65 @@ mod tests {
             assert!(store.contains_id(&a.id).unwrap());
             let out = h.ingest(vec![a.clone()], vec![]).await.unwrap();
             assert!(!out[0].stored);
+        });
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
+    fn a_clocking_is_not_queued_for_the_sink_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            let local = clocking("1", 0);
+            let mirrored = Clocking {
+                source: Source::Protime,
+                ..clocking("2", 1)
+            };
+            let out = h
+                .ingest(vec![local.clone(), mirrored.clone()], vec![])
+                .await
+                .unwrap();
+            assert!(out.iter().all(|o| o.stored));
+            let ids = |sink| -> Vec<_> {
+                store
+                    .pending(sink, None, 10)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, c)| c.id)
+                    .collect()
+            };
+            assert_eq!(ids(SinkId::Mqtt), vec![local.id, mirrored.id]);
+            assert_eq!(ids(SinkId::Protime), vec![local.id], "no echo to Protime");
+            // MQTT's confirmation alone releases the mirrored clocking.
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+            assert_eq!(store.stats().unwrap().clockings_stored, 1);
+        });
+        drop(h);
+        writer.join();
+
+        // With Protime as the only sink, a mirrored clocking is remembered but not held.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Protime]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            let mirrored = Clocking {
+                source: Source::Protime,
+                ..clocking("3", 2)
+            };
+            let out = h.ingest(vec![mirrored.clone()], vec![]).await.unwrap();
+            assert!(out[0].stored);
+            assert_eq!(store.stats().unwrap().clockings_stored, 0);
+            assert!(store.contains_id(&mirrored.id).unwrap());
+            let again = h.ingest(vec![mirrored], vec![]).await.unwrap();
+            assert!(!again[0].stored, "a re-read is still a duplicate");
         });
         drop(h);
         writer.join();
