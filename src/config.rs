@@ -147,6 +147,10 @@ pub struct TerminalConfig {
     /// A terminal mounted on one side of a gate fixes the direction of its clockings.
     pub direction: Option<Direction>,
     pub link: LinkTiming,
+    /// The CrossChex Cloud device (`device.serial_number`) whose records are this terminal's.
+    pub crosschex_serial: Option<String>,
+    /// The Aktion C4 controller (`C4Identification`) whose passages are this terminal's.
+    pub aktion_c4: Option<String>,
 }
 
 /// Timing of a device link (anviz terminals).
@@ -208,6 +212,12 @@ pub struct ProtimeConfig {
     pub client_secret: Secret,
     pub timezone: Tz,
     pub mirror: bool,
+    /// Mirror: how often the access-clockings delta is read.
+    pub mirror_interval_secs: u64,
+    /// Mirror: the initial load (and a full re-sync) reads access clockings of this many days.
+    pub mirror_days: u32,
+    /// Mirror: how often people (the badge map) are reloaded.
+    pub people_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -223,6 +233,12 @@ pub struct CrossChexConfig {
     pub api_secret: Secret,
     pub timezone: Tz,
     pub poll_interval_secs: u64,
+    /// Minimum spacing of requests to the account (CrossChex allows about one per 15 s).
+    pub request_interval_ms: u64,
+    /// Each poll re-reads this far behind the watermark for records devices uploaded late.
+    pub overlap_mins: u32,
+    /// The first poll (no watermark yet) reads this far back.
+    pub lookback_hours: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +247,12 @@ pub struct AktionConfig {
     pub user_login: String,
     pub api_key: Secret,
     pub poll_interval_secs: u64,
+    /// The C4 controllers (`C4Identification`) whose events are read.
+    pub c4_controllers: Vec<String>,
+    /// How often persons (the badge map) and their scheduled shifts are refreshed.
+    pub people_interval_secs: u64,
+    /// Shifts are held from yesterday to this many days ahead.
+    pub shift_days: u32,
 }
 
 impl Config {
@@ -310,6 +332,20 @@ impl Config {
         let protime = raw_protime.and_then(|p| v.protime(p, agent.timezone));
         let crosschex = raw_crosschex.and_then(|c| v.crosschex(c, agent.timezone));
         let aktion = raw_aktion.and_then(|a| v.aktion(a));
+        if let Some(a) = &aktion {
+            for (i, t) in terminals.iter().enumerate() {
+                if let Some(c4) = t
+                    .aktion_c4
+                    .as_ref()
+                    .filter(|c| !a.c4_controllers.contains(c))
+                {
+                    v.problem(
+                        &format!("terminals[{i}].aktion_c4"),
+                        format!("{c4:?} is not read: add it to sources.aktion.c4_controllers"),
+                    );
+                }
+            }
+        }
         if mqtt.is_none() && protime.is_none() && !v.has_problem_under("mqtt") {
             v.problem(
                 "mqtt",
@@ -416,6 +452,8 @@ struct RawTerminal {
     zone_from: Option<String>,
     zone_to: Option<String>,
     direction: Option<String>,
+    crosschex_serial: Option<String>,
+    aktion_c4: Option<String>,
     keepalive_secs: Option<u64>,
     backfill_interval_secs: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -442,6 +480,9 @@ struct RawProtime {
     client_secret_file: Option<PathBuf>,
     timezone: Option<String>,
     mirror: Option<bool>,
+    mirror_interval_secs: Option<u64>,
+    mirror_days: Option<u32>,
+    people_interval_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -451,6 +492,9 @@ struct RawCrossChex {
     api_secret_file: Option<PathBuf>,
     timezone: Option<String>,
     poll_interval_secs: Option<u64>,
+    request_interval_ms: Option<u64>,
+    overlap_mins: Option<u32>,
+    lookback_hours: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -459,6 +503,9 @@ struct RawAktion {
     user_login: Option<String>,
     api_key_file: Option<PathBuf>,
     poll_interval_secs: Option<u64>,
+    c4_controllers: Option<Vec<String>>,
+    people_interval_secs: Option<u64>,
+    shift_days: Option<u32>,
 }
 
 struct Validator {
@@ -878,6 +925,8 @@ impl Validator {
                     }
                 },
             };
+            let crosschex_serial = self.cloud_id(&k("crosschex_serial"), t.crosschex_serial);
+            let aktion_c4 = self.cloud_id(&k("aktion_c4"), t.aktion_c4);
             let d = LinkTiming::default();
             let secs = |v: Option<u64>, default: std::time::Duration| {
                 v.map_or(default, std::time::Duration::from_secs)
@@ -911,9 +960,56 @@ impl Validator {
                 zone_to: t.zone_to,
                 direction,
                 link,
+                crosschex_serial,
+                aktion_c4,
             });
         }
+        // One device belongs to one terminal.
+        let mut claimed = HashSet::new();
+        for (i, t) in out.iter().enumerate() {
+            for (field, device) in [
+                ("crosschex_serial", &t.crosschex_serial),
+                ("aktion_c4", &t.aktion_c4),
+            ] {
+                if let Some(d) = device {
+                    if !claimed.insert((field, d.clone())) {
+                        self.problem(
+                            &format!("terminals[{i}].{field}"),
+                            format!("{d:?} is already another terminal's"),
+                        );
+                    }
+                }
+            }
+        }
         out
+    }
+
+    /// A vendor's device name a terminal claims: trimmed, not empty.
+    fn cloud_id(&mut self, key: &str, value: Option<String>) -> Option<String> {
+        let v = value?.trim().to_owned();
+        if v.is_empty() {
+            self.problem(key, "must not be empty");
+            return None;
+        }
+        Some(v)
+    }
+
+    /// A count that must lie in `range`; `default` when absent.
+    fn bounded<T: PartialOrd + Copy + fmt::Display>(
+        &mut self,
+        key: &str,
+        value: Option<T>,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> T {
+        let v = value.unwrap_or(default);
+        if !range.contains(&v) {
+            self.problem(
+                key,
+                format!("{v} is out of range ({}..={})", range.start(), range.end()),
+            );
+        }
+        v
     }
 
     fn access(&mut self, raw: RawAccess) -> AccessConfig {
@@ -941,6 +1037,19 @@ impl Validator {
         let client_id = self.required("sinks.protime.client_id", raw.client_id);
         let client_secret = self.secret("sinks.protime.client_secret_file", raw.client_secret_file);
         let timezone = self.timezone("sinks.protime.timezone", raw.timezone, default_tz);
+        let mirror_interval_secs = self.bounded(
+            "sinks.protime.mirror_interval_secs",
+            raw.mirror_interval_secs,
+            60,
+            1..=86_400,
+        );
+        let mirror_days = self.bounded("sinks.protime.mirror_days", raw.mirror_days, 7, 1..=365);
+        let people_interval_secs = self.bounded(
+            "sinks.protime.people_interval_secs",
+            raw.people_interval_secs,
+            3600,
+            1..=604_800,
+        );
         Some(ProtimeConfig {
             base_url,
             token_url,
@@ -948,6 +1057,9 @@ impl Validator {
             client_secret: client_secret?,
             timezone,
             mirror: raw.mirror.unwrap_or(false),
+            mirror_interval_secs,
+            mirror_days,
+            people_interval_secs,
         })
     }
 
@@ -956,19 +1068,39 @@ impl Validator {
         let api_key = self.required("sources.crosschex.api_key", raw.api_key);
         let api_secret = self.secret("sources.crosschex.api_secret_file", raw.api_secret_file);
         let timezone = self.timezone("sources.crosschex.timezone", raw.timezone, default_tz);
-        let poll_interval_secs = raw.poll_interval_secs.unwrap_or(60);
-        if poll_interval_secs < 15 {
-            self.problem(
-                "sources.crosschex.poll_interval_secs",
-                "must be at least 15 (CrossChex allows about one request per 15 s)",
-            );
-        }
+        let poll_interval_secs = self.bounded(
+            "sources.crosschex.poll_interval_secs",
+            raw.poll_interval_secs,
+            60,
+            1..=86_400,
+        );
+        let request_interval_ms = self.bounded(
+            "sources.crosschex.request_interval_ms",
+            raw.request_interval_ms,
+            15_000,
+            10..=600_000,
+        );
+        let overlap_mins = self.bounded(
+            "sources.crosschex.overlap_mins",
+            raw.overlap_mins,
+            120,
+            0..=1440,
+        );
+        let lookback_hours = self.bounded(
+            "sources.crosschex.lookback_hours",
+            raw.lookback_hours,
+            24,
+            1..=8760,
+        );
         Some(CrossChexConfig {
             base_url,
             api_key,
             api_secret: api_secret?,
             timezone,
             poll_interval_secs,
+            request_interval_ms,
+            overlap_mins,
+            lookback_hours,
         })
     }
 
@@ -976,15 +1108,44 @@ impl Validator {
         let base_url = self.http_url("sources.aktion.base_url", raw.base_url);
         let user_login = self.required("sources.aktion.user_login", raw.user_login);
         let api_key = self.secret("sources.aktion.api_key_file", raw.api_key_file);
-        let poll_interval_secs = raw.poll_interval_secs.unwrap_or(60);
-        if poll_interval_secs == 0 {
-            self.problem("sources.aktion.poll_interval_secs", "must be at least 1");
+        let poll_interval_secs = self.bounded(
+            "sources.aktion.poll_interval_secs",
+            raw.poll_interval_secs,
+            60,
+            1..=86_400,
+        );
+        let people_interval_secs = self.bounded(
+            "sources.aktion.people_interval_secs",
+            raw.people_interval_secs,
+            3600,
+            1..=604_800,
+        );
+        let shift_days = self.bounded("sources.aktion.shift_days", raw.shift_days, 2, 1..=31);
+        let mut c4_controllers: Vec<String> = Vec::new();
+        for (i, c4) in raw
+            .c4_controllers
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("sources.aktion.c4_controllers[{i}]");
+            let c4 = c4.trim().to_owned();
+            if c4.is_empty() {
+                self.problem(&key, "must not be empty");
+            } else if c4_controllers.contains(&c4) {
+                self.problem(&key, format!("{c4:?} is listed twice"));
+            } else {
+                c4_controllers.push(c4);
+            }
         }
         Some(AktionConfig {
             base_url,
             user_login,
             api_key: api_key?,
             poll_interval_secs,
+            c4_controllers,
+            people_interval_secs,
+            shift_days,
         })
     }
 }
@@ -1131,6 +1292,90 @@ mod tests {
         );
         let c = Config::parse(&with, dir.path()).unwrap();
         assert_eq!(c.http.token.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn cloud_sources_and_their_terminals() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cc", "ak", "pt"] {
+            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
+        }
+        let clouds = r#"
+            [[terminals]]
+            id = "door-cc"
+            crosschex_serial = "1750120622290025"
+            [[terminals]]
+            id = "door-ak"
+            aktion_c4 = "C4-1"
+            [sinks.protime]
+            base_url = "https://t.myprotime.eu/connector/protimeapi/api/v1"
+            token_url = "https://auth/tenants/t/connect/token"
+            client_id = "c"
+            client_secret_file = "pt"
+            mirror = true
+            [sources.crosschex]
+            base_url = "https://api.eu.crosschexcloud.com/"
+            api_key = "k"
+            api_secret_file = "cc"
+            [sources.aktion]
+            base_url = "https://cloud.aktion.cz/api/"
+            user_login = "u"
+            api_key_file = "ak"
+            c4_controllers = ["C4-1", "C4-2"]
+        "#;
+        let c = Config::parse(&format!("{MINIMAL}{clouds}"), dir.path()).unwrap();
+        let cc = c.sources.crosschex.unwrap();
+        assert_eq!(
+            (
+                cc.poll_interval_secs,
+                cc.request_interval_ms,
+                cc.overlap_mins,
+                cc.lookback_hours
+            ),
+            (60, 15_000, 120, 24)
+        );
+        assert_eq!(cc.timezone, chrono_tz::Europe::Brussels, "agent.timezone");
+        let ak = c.sources.aktion.unwrap();
+        assert_eq!(ak.c4_controllers, ["C4-1", "C4-2"]);
+        assert_eq!((ak.people_interval_secs, ak.shift_days), (3600, 2));
+        let pt = c.sinks.protime.unwrap();
+        assert_eq!(
+            (
+                pt.mirror_interval_secs,
+                pt.mirror_days,
+                pt.people_interval_secs
+            ),
+            (60, 7, 3600)
+        );
+        assert_eq!(
+            c.terminals[1].crosschex_serial.as_deref(),
+            Some("1750120622290025")
+        );
+        assert_eq!(c.terminals[2].aktion_c4.as_deref(), Some("C4-1"));
+
+        let bad = format!("{MINIMAL}{clouds}")
+            .replace("aktion_c4 = \"C4-1\"", "aktion_c4 = \"C4-9\"")
+            .replace(
+                "api_key = \"k\"",
+                "api_key = \"k\"\nrequest_interval_ms = 1\nlookback_hours = 0",
+            )
+            .replace(
+                "[\"C4-1\", \"C4-2\"]",
+                "[\"C4-1\", \"C4-1\", \" \"]\nshift_days = 40",
+            )
+            + "[[terminals]]\nid = \"twin\"\ncrosschex_serial = \"1750120622290025\"\n";
+        let k = keys(Config::parse(&bad, dir.path()).unwrap_err());
+        for want in [
+            "terminals[2].aktion_c4",
+            "terminals[3].crosschex_serial",
+            "sources.crosschex.request_interval_ms",
+            "sources.crosschex.lookback_hours",
+            "sources.aktion.c4_controllers[1]",
+            "sources.aktion.c4_controllers[2]",
+            "sources.aktion.shift_days",
+        ] {
+            assert!(k.contains(&want.to_string()), "missing {want} in {k:?}");
+        }
     }
 
     #[test]

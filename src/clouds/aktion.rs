@@ -662,6 +662,9 @@ pub(crate) mod tests {
             user_login: fake::DEFAULT_USER_LOGIN.into(),
             api_key: Secret::new(key),
             poll_interval_secs: 60,
+            c4_controllers: vec!["C4-1".into()],
+            people_interval_secs: 3600,
+            shift_days: 2,
         }
     }
 

@@ -536,6 +536,9 @@ pub(crate) mod tests {
             api_secret: Secret::new(secret),
             timezone: chrono_tz::Europe::Brussels,
             poll_interval_secs: 60,
+            request_interval_ms: 15_000,
+            overlap_mins: 120,
+            lookback_hours: 24,
         }
     }
 

@@ -130,14 +130,7 @@ mod tests {
             first_name: "A".into(),
             last_name: "B".into(),
         });
-        let pcfg = crate::config::ProtimeConfig {
-            base_url: protime.base_url(),
-            token_url: protime.token_url(),
-            client_id: fp::DEFAULT_CLIENT_ID.into(),
-            client_secret: Secret::new(PROTIME_SECRET),
-            timezone: chrono_tz::Europe::Brussels,
-            mirror: true,
-        };
+        let pcfg = super::protime::tests::config(&protime, PROTIME_SECRET);
         let pc = ProtimeClient::new(&pcfg, fast()).expect("client");
         texts.push(format!("{pc:?}"));
         let clocking = ProtimeClocking {
@@ -218,13 +211,7 @@ mod tests {
             last_name: "L".into(),
             workno: "7".into(),
         });
-        let ccfg = crate::config::CrossChexConfig {
-            base_url: crosschex.base_url(),
-            api_key: fc::DEFAULT_API_KEY.into(),
-            api_secret: Secret::new(CROSSCHEX_SECRET),
-            timezone: chrono_tz::Europe::Brussels,
-            poll_interval_secs: 60,
-        };
+        let ccfg = super::crosschex::tests::config(&crosschex, CROSSCHEX_SECRET);
         let cc = CrossChexClient::new(&ccfg, fast()).expect("client");
         texts.push(format!("{cc:?}"));
         let day = |h: u32| {
@@ -278,12 +265,7 @@ mod tests {
         actl.set_credentials(fa::DEFAULT_USER_LOGIN, AKTION_KEY);
         actl.seed_example();
         actl.add_c4("C4", 1, "Gate");
-        let acfg = crate::config::AktionConfig {
-            base_url: aktion.base_url(),
-            user_login: fa::DEFAULT_USER_LOGIN.into(),
-            api_key: Secret::new(AKTION_KEY),
-            poll_interval_secs: 60,
-        };
+        let acfg = super::aktion::tests::config(&aktion, AKTION_KEY);
         let ac = AktionClient::new(&acfg, fast()).expect("client");
         texts.push(format!("{ac:?}"));
         ac.persons().await.expect("persons");

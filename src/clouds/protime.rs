@@ -883,6 +883,9 @@ pub(crate) mod tests {
             client_secret: Secret::new(secret),
             timezone: chrono_tz::Europe::Brussels,
             mirror: true,
+            mirror_interval_secs: 60,
+            mirror_days: 7,
+            people_interval_secs: 3600,
         }
     }
 

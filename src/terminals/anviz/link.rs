@@ -581,6 +581,8 @@ mod tests {
             zone_to: None,
             direction,
             link: LinkTiming::default(),
+            crosschex_serial: None,
+            aktion_c4: None,
         }
     }
 
