@@ -27,8 +27,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::http::{
-    base_url, by_status, Answer, Api, CloudError, ErrorKind, Http, HttpOptions, IssuedToken,
-    TokenCache, VendorAnswer, Verdict,
+    base_url, by_status, skipped_item, Answer, Api, CloudError, ErrorKind, Http, HttpOptions,
+    IssuedToken, TokenCache, VendorAnswer, Verdict,
 };
 use crate::config::{AktionConfig, Secret};
 use crate::model::Direction;
@@ -311,7 +311,8 @@ impl AktionClient {
         let url = self.url("person/getAll")?;
         self.paged(CALL_PERSONS, url, |v| {
             let page: PersonsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
-            Ok((page.persons, page.paging))
+            let listed = page.persons.len();
+            Ok((items(CALL_PERSONS, page.persons), page.paging, listed))
         })
         .await
     }
@@ -339,8 +340,8 @@ impl AktionClient {
         self.paged(CALL_SHIFTS, url, move |v| {
             let page: ShiftsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
             let person = page.person_id.unwrap_or_else(|| pid.clone());
-            let shifts = page
-                .shifts
+            let listed = page.shifts.len();
+            let shifts = items::<ShiftItem>(CALL_SHIFTS, page.shifts)
                 .into_iter()
                 .map(|s| {
                     let begin = s.begin.with_timezone(&Utc);
@@ -354,7 +355,7 @@ impl AktionClient {
                     }
                 })
                 .collect();
-            Ok((shifts, page.paging))
+            Ok((shifts, page.paging, listed))
         })
         .await
     }
@@ -384,7 +385,7 @@ impl AktionClient {
                 )
             })?;
         Ok(C4Events {
-            events: parsed.events,
+            events: items(CALL_C4_EVENTS, parsed.events),
             last_sync: parsed
                 .last_sync
                 .map(|t| t.with_timezone(&Utc))
@@ -392,12 +393,13 @@ impl AktionClient {
         })
     }
 
-    /// Reads pages 1.. of `url` until `Paging.TotalPages` (or an empty page).
+    /// Reads pages 1.. of `url` until `Paging.TotalPages` (or an empty page). `parse` answers a
+    /// page's items, its paging and how many items it listed (malformed ones included).
     async fn paged<T>(
         &self,
         call: &'static str,
         url: Url,
-        parse: impl Fn(Value) -> Result<(Vec<T>, Paging), String>,
+        parse: impl Fn(Value) -> Result<(Vec<T>, Paging, usize), String>,
     ) -> Result<Vec<T>, CloudError> {
         let mut all = Vec::new();
         for page in 1..=MAX_PAGES {
@@ -409,9 +411,9 @@ impl AktionClient {
             let Some(body) = self.request(call, &page_url, true).await? else {
                 return Ok(all);
             };
-            let (items, paging) = parse(body)
+            let (items, paging, listed) = parse(body)
                 .map_err(|detail| self.inner.http.error(call, ErrorKind::Malformed { detail }))?;
-            let empty = items.is_empty();
+            let empty = listed == 0;
             all.extend(items);
             if empty || u64::from(page) >= paging.total_pages {
                 if (all.len() as u64) < paging.total_count {
@@ -593,10 +595,23 @@ struct Paging {
     total_pages: u64,
 }
 
+/// The items of a list that could be read; each malformed one is skipped and logged, so one bad
+/// record cannot hold back the rest.
+fn items<T: serde::de::DeserializeOwned>(call: &'static str, raw: Vec<Value>) -> Vec<T> {
+    raw.into_iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            serde_json::from_value(v)
+                .map_err(|e| skipped_item(Api::Aktion, call, &format!("item {i}: {e}")))
+                .ok()
+        })
+        .collect()
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct PersonsPage {
-    persons: Vec<AktionPerson>,
+    persons: Vec<Value>,
     #[serde(default)]
     paging: Paging,
 }
@@ -621,7 +636,7 @@ struct ShiftItem {
 struct ShiftsPage {
     #[serde(default, deserialize_with = "de_opt_text")]
     person_id: Option<String>,
-    shifts: Vec<ShiftItem>,
+    shifts: Vec<Value>,
     #[serde(default)]
     paging: Paging,
 }
@@ -629,7 +644,7 @@ struct ShiftsPage {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct EventsPage {
-    events: Vec<AktionHwEvent>,
+    events: Vec<Value>,
     #[serde(default, deserialize_with = "de_opt_date")]
     last_sync: Option<DateTime<FixedOffset>>,
 }
@@ -1009,6 +1024,21 @@ pub(crate) mod tests {
             "{err}"
         );
         fake.shutdown().await;
+    }
+
+    #[test]
+    fn a_malformed_item_is_skipped_and_the_rest_kept() {
+        let good = json!({"ID": 7, "HwStructureId": 11, "DateCreated": "/Date(1560578400000)/",
+            "Date": "/Date(1560578395000+0200)/", "EventCode": 1, "Direction": 2,
+            "OwnerId": null, "Identifier": 90001, "Zone": "Hall", "Descriptions": ["x", 3]});
+        let bad = json!({"ID": "seven", "DateCreated": "yesterday"});
+        let events: Vec<AktionHwEvent> = items(CALL_C4_EVENTS, vec![bad, good]);
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!((e.id, e.gate_direction()), (7, Direction::Out));
+        assert_eq!(e.identifier.as_deref(), Some("90001"));
+        assert_eq!(e.owner_id, None);
+        assert_eq!(e.descriptions, ["x", "3"]);
     }
 
     #[test]

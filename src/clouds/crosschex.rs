@@ -29,8 +29,8 @@ use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
 
 use super::http::{
-    base_url, by_status, Answer, Api, CloudError, ErrorKind, Http, HttpOptions, IssuedToken,
-    TokenCache, VendorAnswer, Verdict,
+    base_url, by_status, skipped_item, Answer, Api, CloudError, ErrorKind, Http, HttpOptions,
+    IssuedToken, TokenCache, VendorAnswer, Verdict,
 };
 use crate::config::{CrossChexConfig, Secret};
 use crate::model::local_to_instant;
@@ -185,12 +185,13 @@ impl CrossChexClient {
         let mut read = 0;
         loop {
             read += 1;
-            let (rows, count) = self.read_window(begin, end).await?;
-            let listed = rows.len() as u64;
+            let (rows, count, skipped) = self.read_window(begin, end).await?;
+            let listed = rows.len() as u64 + skipped;
             let mut seen = HashSet::new();
             let records: Vec<CrossChexRecord> =
                 rows.into_iter().filter(|r| seen.insert(r.key())).collect();
-            let received = records.len() as u64;
+            // A malformed record was listed all the same: it counts towards `count`.
+            let received = records.len() as u64 + skipped;
             let server_duplicates = listed == count && previous.as_ref() == Some(&seen);
             if received >= count || server_duplicates {
                 if received != count {
@@ -223,19 +224,26 @@ impl CrossChexClient {
         }
     }
 
-    /// Pages 1.. of one window; returns the records and the last page's `count`.
+    /// Pages 1.. of one window; returns the records, the last page's `count` and how many
+    /// listed records were malformed (skipped, each logged).
     async fn read_window(
         &self,
         begin: NaiveDateTime,
         end: NaiveDateTime,
-    ) -> Result<(Vec<CrossChexRecord>, u64), CloudError> {
+    ) -> Result<(Vec<CrossChexRecord>, u64, u64), CloudError> {
         let mut records = Vec::new();
+        let mut skipped = 0u64;
         for page in 1..=MAX_PAGES {
             let p = self.get_page(begin, end, page).await?;
-            let last_empty = p.list.is_empty();
+            let last_empty = p.list.is_empty() && p.skipped.is_empty();
+            for reason in &p.skipped {
+                skipped_item(Api::CrossChex, CALL_GET_RECORD, reason);
+            }
+            skipped += p.skipped.len() as u64;
             records.extend(p.list);
-            if !more_pages(page, p.page_count, records.len(), p.count, last_empty) {
-                return Ok((records, p.count));
+            let listed = records.len() + skipped as usize;
+            if !more_pages(page, p.page_count, listed, p.count, last_empty) {
+                return Ok((records, p.count, skipped));
             }
         }
         Err(self.inner.http.error(
@@ -439,6 +447,8 @@ struct RecordPage {
     count: u64,
     page_count: u64,
     list: Vec<CrossChexRecord>,
+    /// Why each malformed record of the page was skipped.
+    skipped: Vec<String>,
 }
 
 /// The doc types every field as "Text": numbers may come as strings.
@@ -467,6 +477,8 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// A page; a malformed record is skipped (with its reason) rather than failing the page, so one
+/// bad row cannot hold every later record back.
 fn parse_page(p: &Value) -> Result<RecordPage, String> {
     let count = lenient_u64(&p["count"]).ok_or("getrecord payload without a count")?;
     let list: &[Value] = match &p["list"] {
@@ -475,17 +487,21 @@ fn parse_page(p: &Value) -> Result<RecordPage, String> {
         Value::Null => &[],
         other => return Err(format!("getrecord list is not an array: {other}")),
     };
-    let records = list
-        .iter()
-        .enumerate()
-        .map(|(i, r)| parse_record(r).map_err(|e| format!("record {i}: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut records = Vec::with_capacity(list.len());
+    let mut skipped = Vec::new();
+    for (i, r) in list.iter().enumerate() {
+        match parse_record(r) {
+            Ok(rec) => records.push(rec),
+            Err(e) => skipped.push(format!("record {i}: {e}")),
+        }
+    }
     // Without a pageCount, `count` alone drives the loop.
     let page_count = lenient_u64(&p["pageCount"]).unwrap_or(0);
     Ok(RecordPage {
         count,
         page_count,
         list: records,
+        skipped,
     })
 }
 
@@ -896,6 +912,14 @@ pub(crate) mod tests {
         assert_eq!(r.device_serial, "1750120622290025");
         assert_eq!(r.first_name, None);
         assert!(parse_record(&json!({"checktime":"2022-07-20T20:15:05+00:00"})).is_err());
+        let page = parse_page(&json!({"count":2,"list":[
+            {"checktime":"2022-07-20T20:15:05+00:00"},
+            {"checktype":1,"checktime":"2022-07-20T20:15:05+00:00",
+             "device":{"serial_number":"1"},"employee":{"workno":"7"}}]}))
+        .expect("a page with one bad record");
+        assert_eq!(page.list.len(), 1);
+        assert_eq!(page.skipped.len(), 1);
+        assert!(page.skipped[0].contains("record 0"), "{:?}", page.skipped);
         assert!(
             parse_page(&json!({"list":[]})).is_err(),
             "count is required"

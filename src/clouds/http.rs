@@ -809,6 +809,12 @@ fn describe(e: reqwest::Error) -> String {
     out
 }
 
+/// Logs a listed item that could not be understood and was skipped: the call goes on with the
+/// rest, so one bad item cannot hold back everything listed after it.
+pub(crate) fn skipped_item(api: Api, call: &'static str, reason: &str) {
+    tracing::warn!(%api, call, %reason, "malformed item in the vendor's answer skipped");
+}
+
 /// Parses a configured base URL; a path is made to end with `/` so that joining relative paths
 /// appends to it (`.../api/v1` + `clockings` = `.../api/v1/clockings`).
 pub(crate) fn base_url(api: Api, raw: &str) -> Result<Url, CloudError> {

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::http::{
-    base_url, by_status, form_body, same_origin_link, Answer, Api, CloudError, ErrorKind, Http,
-    HttpOptions, IssuedToken, TokenCache, VendorAnswer, Verdict,
+    base_url, by_status, form_body, same_origin_link, skipped_item, Answer, Api, CloudError,
+    ErrorKind, Http, HttpOptions, IssuedToken, TokenCache, VendorAnswer, Verdict,
 };
 use crate::config::{ProtimeConfig, Secret};
 use crate::model::AccessStatus;
@@ -111,7 +111,7 @@ pub struct RemoteClocking {
 }
 
 /// An access clocking (read only in Protime).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClocking {
     pub id: i64,
     /// Opaque; sorts as a string.
@@ -159,7 +159,7 @@ pub struct AccessDelta {
 
 /// What the mirror holds per access-clocking id. A deletion is kept as a tombstone with its
 /// version, so that a stale `InsertOrUpdate` arriving after it cannot resurrect the item.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeldAccess {
     Live(AccessClocking),
     Deleted { change_version: String },
@@ -397,7 +397,6 @@ impl ProtimeClient {
         url.query_pairs_mut()
             .append_pair("externalReferences", "(people,@badge-number)");
         let mut people = Vec::new();
-        let mut bad = None;
         self.list(
             CALL_PEOPLE,
             url,
@@ -409,37 +408,25 @@ impl ProtimeClient {
                     first_name: p.first_name,
                     last_name: p.last_name,
                 }),
-                Err(e) => {
-                    bad.get_or_insert(format!("person item: {e}"));
-                }
+                Err(e) => skipped_item(Api::Protime, CALL_PEOPLE, &format!("person item: {e}")),
             },
         )
         .await?;
-        match bad {
-            Some(detail) => Err(self
-                .inner
-                .http
-                .error(CALL_PEOPLE, ErrorKind::Malformed { detail })),
-            None => Ok(people),
-        }
+        Ok(people)
     }
 
+    /// One round; an item that cannot be understood is skipped (and logged) so that it cannot
+    /// hold the delta feed on the same link forever.
     async fn delta_round(&self, call: &'static str, url: Url) -> Result<AccessDelta, CloudError> {
         let mut changes = Vec::new();
-        let mut bad = None;
         let delta_link = self
             .list(call, url, true, |item: Value| {
                 match parse_access_item(&item) {
                     Ok(c) => changes.push(c),
-                    Err(e) => {
-                        bad.get_or_insert(e);
-                    }
+                    Err(e) => skipped_item(Api::Protime, call, &e),
                 }
             })
             .await?;
-        if let Some(detail) = bad {
-            return Err(self.inner.http.error(call, ErrorKind::Malformed { detail }));
-        }
         match delta_link {
             Some(delta_link) => Ok(AccessDelta {
                 changes,
