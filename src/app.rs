@@ -6,14 +6,19 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access::directory::Directory;
 use crate::clouds::protime::ProtimeClient;
 use crate::clouds::HttpOptions;
 use crate::config::{Config, TerminalConfig, TerminalKind};
 use crate::http::{self, ApiState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::model::Source;
 use crate::sinks::mqtt::MqttSink;
 use crate::sinks::protime::ProtimeSink;
+use crate::sources::aktion::AktionSource;
+use crate::sources::crosschex::CrossChexSource;
+use crate::sources::protime::ProtimeMirror;
 use crate::store::{SinkId, Store, StoreError, Writer, WriterHandle};
 use crate::terminals::anviz::link::AnvizLink;
 
@@ -25,6 +30,10 @@ pub enum StartError {
     Tls(String),
     #[error("sinks.protime: {0}")]
     Protime(crate::clouds::CloudError),
+    #[error("sources.crosschex: {0}")]
+    CrossChex(crate::clouds::CloudError),
+    #[error("sources.aktion: {0}")]
+    Aktion(crate::clouds::CloudError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Bind {
         addr: SocketAddr,
@@ -68,7 +77,17 @@ impl Agent {
             .iter()
             .filter(|t| t.kind == TerminalKind::Anviz)
             .collect();
-        let metrics = Arc::new(Metrics::new(link_terminals.iter().map(|t| t.id.as_str())));
+        let protime = config.sinks.protime.as_ref();
+        let cloud_sources = [
+            (protime.is_some_and(|p| p.mirror), Source::Protime),
+            (config.sources.crosschex.is_some(), Source::Crosschex),
+            (config.sources.aktion.is_some(), Source::Aktion),
+        ]
+        .into_iter()
+        .filter_map(|(on, s)| on.then_some(s));
+        let metrics = Arc::new(
+            Metrics::new(link_terminals.iter().map(|t| t.id.as_str())).with_sources(cloud_sources),
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut sink_tasks = Vec::new();
@@ -83,11 +102,14 @@ impl Agent {
             .map_err(StartError::Tls)?;
             sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
         }
-        if let Some(p) = &config.sinks.protime {
-            let client =
-                ProtimeClient::new(p, HttpOptions::protime()).map_err(StartError::Protime)?;
+        // One client for the sink and the mirror: one token, one rate limit.
+        let protime_client = protime
+            .map(|p| ProtimeClient::new(p, HttpOptions::protime()))
+            .transpose()
+            .map_err(StartError::Protime)?;
+        if let (Some(p), Some(client)) = (protime, &protime_client) {
             let sink = ProtimeSink::new(
-                client,
+                client.clone(),
                 p.timezone,
                 store.clone(),
                 writer_handle.clone(),
@@ -102,6 +124,42 @@ impl Agent {
             let health = metrics.terminals.get(&t.id).cloned().unwrap_or_default();
             let link = AnvizLink::new(t.clone(), ingest.clone(), health);
             source_tasks.push(tokio::spawn(link.run(shutdown_rx.clone())));
+        }
+        // People and shifts from the clouds, for the access engine.
+        let directory = Directory::new();
+        if let (Some(p), Some(client)) = (protime.filter(|p| p.mirror), protime_client) {
+            let mirror = ProtimeMirror::new(
+                client,
+                p,
+                directory.clone(),
+                ingest.clone(),
+                store.clone(),
+                metrics.source(Source::Protime),
+            );
+            source_tasks.push(tokio::spawn(mirror.run(shutdown_rx.clone())));
+        }
+        if let Some(c) = &config.sources.crosschex {
+            let source = CrossChexSource::new(
+                c,
+                &config,
+                ingest.clone(),
+                store.clone(),
+                metrics.source(Source::Crosschex),
+            )
+            .map_err(StartError::CrossChex)?;
+            source_tasks.push(tokio::spawn(source.run(shutdown_rx.clone())));
+        }
+        if let Some(a) = &config.sources.aktion {
+            let source = AktionSource::new(
+                a,
+                &config,
+                directory.clone(),
+                ingest.clone(),
+                store.clone(),
+                metrics.source(Source::Aktion),
+            )
+            .map_err(StartError::Aktion)?;
+            source_tasks.push(tokio::spawn(source.run(shutdown_rx.clone())));
         }
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)

@@ -1151,7 +1151,7 @@ impl Validator {
 }
 
 /// Names that become MQTT topic levels or store keys.
-fn is_topic_safe(s: &str) -> bool {
+pub(crate) fn is_topic_safe(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))

@@ -313,8 +313,7 @@ pub fn parse_clocking(config: &Config, i: usize, v: &Value) -> Result<NewClockin
         )
     })?;
     let badge = string("badge", true)?.unwrap_or_default();
-    let badge_len = badge.chars().count();
-    if !(1..=64).contains(&badge_len) || badge.chars().any(char::is_control) {
+    if !crate::model::valid_badge(badge) {
         return Err(ApiError::invalid(
             i,
             "badge",
@@ -408,6 +407,15 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             .terminals
             .iter()
             .map(|(id, t)| (id.clone(), t.to_json()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    if !st.metrics.sources.is_empty() {
+        body["sources"] = st
+            .metrics
+            .sources
+            .iter()
+            .map(|(name, h)| ((*name).to_owned(), h.to_json()))
             .collect::<serde_json::Map<_, _>>()
             .into();
     }

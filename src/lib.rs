@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod queue_tools;
 pub mod sinks;
+pub mod sources;
 pub mod status;
 pub mod store;
 pub mod terminals;

@@ -140,7 +140,10 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
                 eprintln!("badgegate: {e}");
                 return ExitCode::from(match e {
                     StartError::Store(_) | StartError::Bind { .. } => EXIT_IO,
-                    StartError::Protime(_) | StartError::Tls(_) => EXIT_USAGE,
+                    StartError::Protime(_)
+                    | StartError::CrossChex(_)
+                    | StartError::Aktion(_)
+                    | StartError::Tls(_) => EXIT_USAGE,
                 });
             }
         };

@@ -23,6 +23,78 @@ pub struct Metrics {
     pub protime_dead_letters: AtomicU64,
     /// One entry per device-link terminal, fixed at start.
     pub terminals: BTreeMap<String, Arc<TerminalHealth>>,
+    /// One entry per configured cloud source (`crosschex`, `aktion`, `protime` for the mirror),
+    /// fixed at start.
+    pub sources: BTreeMap<&'static str, Arc<SourceHealth>>,
+}
+
+/// What a cloud source reports about its polling.
+#[derive(Default)]
+pub struct SourceHealth {
+    /// The last poll succeeded.
+    pub up: AtomicBool,
+    pub polls: AtomicU64,
+    pub errors: AtomicU64,
+    /// Clockings the source stored (new ones; re-reads are not counted).
+    pub clockings: AtomicU64,
+    /// Vendor items that could not become clockings (no badge...), each logged.
+    pub skipped: AtomicU64,
+    /// Unix milliseconds of the last successful poll; 0 before the first.
+    pub last_success_ms: AtomicI64,
+    /// Persons and scheduled shifts loaded at the last refresh (sources that have them).
+    pub people: AtomicU64,
+    pub shifts: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    /// Where the source will read from next, as text (a watermark, "delta" / "initial load").
+    pub position: Mutex<Option<String>>,
+}
+
+impl SourceHealth {
+    pub fn succeeded(&self) {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        self.up.store(true, Ordering::Relaxed);
+        self.last_success_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        set(&self.last_error, None);
+    }
+
+    pub fn failed(&self, error: String) {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.up.store(false, Ordering::Relaxed);
+        set(&self.last_error, Some(error));
+    }
+
+    pub fn set_position(&self, position: String) {
+        set(&self.position, Some(position));
+    }
+
+    pub fn to_json(&self) -> Value {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let last = self.last_success_ms.load(Ordering::Relaxed);
+        json!({
+            "up": self.up.load(Ordering::Relaxed),
+            "last_success_at": (last > 0).then(|| chrono::DateTime::from_timestamp_millis(last).map(|t| t.to_rfc3339())).flatten(),
+            "polls": r(&self.polls),
+            "errors": r(&self.errors),
+            "clockings": r(&self.clockings),
+            "skipped": r(&self.skipped),
+            "people": r(&self.people),
+            "shifts": r(&self.shifts),
+            "position": get(&self.position),
+            "last_error": get(&self.last_error),
+        })
+    }
+}
+
+fn set(slot: &Mutex<Option<String>>, v: Option<String>) {
+    if let Ok(mut g) = slot.lock() {
+        *g = v;
+    }
+}
+
+fn get(slot: &Mutex<Option<String>>) -> Option<String> {
+    slot.lock().ok().and_then(|g| g.clone())
 }
 
 /// What a device link reports about its terminal.
@@ -116,6 +188,20 @@ impl Metrics {
                 .collect(),
             ..Metrics::default()
         }
+    }
+
+    /// Registers the configured cloud sources (see [`Metrics::sources`]).
+    pub fn with_sources(mut self, sources: impl IntoIterator<Item = Source>) -> Metrics {
+        self.sources = sources
+            .into_iter()
+            .map(|s| (s.as_str(), Arc::new(SourceHealth::default())))
+            .collect();
+        self
+    }
+
+    /// The health slot of a registered source.
+    pub fn source(&self, s: Source) -> Arc<SourceHealth> {
+        self.sources.get(s.as_str()).cloned().unwrap_or_default()
     }
 
     pub fn count_received(&self, s: Source, n: u64) {
@@ -282,6 +368,63 @@ impl Metrics {
                     (t.realtime_records.load(Ordering::Relaxed)
                         + t.backfilled_records.load(Ordering::Relaxed)) as f64
                 }),
+            );
+        }
+        if !self.sources.is_empty() {
+            let per = |f: &dyn Fn(&SourceHealth) -> f64| -> Vec<(String, f64)> {
+                self.sources
+                    .iter()
+                    .map(|(name, h)| (format!("{{source=\"{name}\"}}"), f(h)))
+                    .collect()
+            };
+            let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+            metric(
+                "badgegate_source_up",
+                "gauge",
+                "1 while the cloud source's last poll succeeded.",
+                &per(&|h| f64::from(u8::from(h.up.load(Ordering::Relaxed)))),
+            );
+            metric(
+                "badgegate_source_last_success_timestamp_seconds",
+                "gauge",
+                "Unix time of the cloud source's last successful poll (0 before the first).",
+                &per(&|h| h.last_success_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+            );
+            metric(
+                "badgegate_source_polls_total",
+                "counter",
+                "Polls of the cloud source.",
+                &per(&|h| n(&h.polls)),
+            );
+            metric(
+                "badgegate_source_errors_total",
+                "counter",
+                "Polls of the cloud source that failed.",
+                &per(&|h| n(&h.errors)),
+            );
+            metric(
+                "badgegate_source_clockings_total",
+                "counter",
+                "New clockings stored from the cloud source.",
+                &per(&|h| n(&h.clockings)),
+            );
+            metric(
+                "badgegate_source_skipped_total",
+                "counter",
+                "Vendor items that could not become clockings (logged).",
+                &per(&|h| n(&h.skipped)),
+            );
+            metric(
+                "badgegate_source_people",
+                "gauge",
+                "Persons loaded from the cloud source at its last refresh.",
+                &per(&|h| n(&h.people)),
+            );
+            metric(
+                "badgegate_source_shifts",
+                "gauge",
+                "Scheduled shifts loaded from the cloud source at its last refresh.",
+                &per(&|h| n(&h.shifts)),
             );
         }
         if let Some(stats) = stats {

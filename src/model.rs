@@ -280,6 +280,11 @@ impl Clocking {
     }
 }
 
+/// A badge as the contract allows it: 1 to 64 characters, none of them a control character.
+pub fn valid_badge(badge: &str) -> bool {
+    (1..=64).contains(&badge.chars().count()) && !badge.chars().any(char::is_control)
+}
+
 /// The same instant expressed with the offset the terminal's zone has at that instant.
 pub fn in_zone(t: DateTime<FixedOffset>, tz: Tz) -> DateTime<FixedOffset> {
     t.with_timezone(&tz).fixed_offset()

@@ -109,6 +109,33 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
             }
         }
     }
+    if let Some(sources) = h["sources"].as_object() {
+        out.push(format!(
+            "{:<10} {:<10} {:<5} {:<19} {:>9} {:>7} {:>7}",
+            "sources", "SOURCE", "STATE", "LAST OK", "CLOCKINGS", "PEOPLE", "SHIFTS"
+        ));
+        for (name, src) in sources {
+            let last = src["last_success_at"]
+                .as_str()
+                .map(|v| v.get(..19).unwrap_or(v).replace('T', " "))
+                .unwrap_or_else(|| "-".into());
+            out.push(format!(
+                "{:<10} {:<10} {:<5} {:<19} {:>9} {:>7} {:>7}",
+                "",
+                clip(name, 10),
+                if src["up"] == true { "ok" } else { "FAIL" },
+                last,
+                src["clockings"].as_u64().unwrap_or(0),
+                src["people"].as_u64().unwrap_or(0),
+                src["shifts"].as_u64().unwrap_or(0)
+            ));
+            if src["up"] != true {
+                if let Some(e) = src["last_error"].as_str() {
+                    out.push(fit(&" ".repeat(22), e));
+                }
+            }
+        }
+    }
     out.push(format!(
         "dead       {}",
         h["dead_letters"].as_u64().map_or_else(
@@ -173,6 +200,10 @@ mod tests {
             "terminals": {
                 "gate-north-with-a-long-name": {"connected": true, "last_record_at": "2026-11-22T08:10:03.123+00:00", "device_backlog": 3, "clock_drift_secs": -2, "frames_rejected": 1},
                 "gate-south": {"connected": false, "last_record_at": null, "device_backlog": 0, "clock_drift_secs": 0, "frames_rejected": 0, "last_error": "no answer to command 0x3C within 5s"}
+            },
+            "sources": {
+                "aktion": {"up": true, "last_success_at": "2026-11-22T08:10:03.123+00:00", "clockings": 12, "people": 340, "shifts": 1200},
+                "crosschex": {"up": false, "last_success_at": null, "clockings": 0, "people": 0, "shifts": 0, "last_error": "CrossChex Cloud attendance.record/getrecord: rate limited: HTTP 200 FREQUENT_REQUEST: too frequent"}
             }
         });
         let text = render(&h, &[("mqtt".into(), 12.5)]);
@@ -191,6 +222,11 @@ mod tests {
             "gate-south",
             "DOWN",
             "-2s",
+            "sources",
+            "aktion",
+            "1200",
+            "FAIL",
+            "getrecord: rate limited",
             "dead",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");

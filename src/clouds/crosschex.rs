@@ -26,6 +26,7 @@ use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
 use chrono_tz::Tz;
 use rand::Rng;
 use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::http::{
@@ -69,7 +70,7 @@ pub struct CrossChexRecord {
 }
 
 /// What identifies a record across overlapping reads.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum RecordKey {
     Uuid(String),
     Tuple {

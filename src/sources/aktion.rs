@@ -1,0 +1,346 @@
+//! Aktion source: persons (the badge map), their scheduled shifts for the access engine, and the
+//! passages of C4 controllers as clockings with `source: "aktion"`.
+//!
+//! - **C4 events** are read per controller (`sources.aktion.c4_controllers`) from the `LastSync`
+//!   watermark the server returns; the watermark is committed with the clockings, in one
+//!   transaction. A passage's terminal is the configured terminal claiming the controller
+//!   (`terminals[].aktion_c4`), else `aktion-<identification>`. Its direction is Aktion's
+//!   (arrival in, departure out, others unknown, then the terminal's fixed one), its status
+//!   Aktion's verdict: `AccessOk` for an identifier Aktion knows an owner of, `UnknownBadge`
+//!   otherwise. Aktion's `Zone` of the passage is compared with the terminal's zones, and a
+//!   disagreement is logged once (presence follows the terminal's `zone_from`/`zone_to`).
+//! - **Persons** are loaded every `people_interval_secs` (all pages): badges from
+//!   IdentifierCard1/2 and Identifiers, the department as group, the lock.
+//! - **Shifts** are held from yesterday to `shift_days` ahead. A person's window is loaded in
+//!   full once a day; at the other refreshes a query with `TimeLastChange` asks whether any of
+//!   their shifts changed since the last look, and only then is the window loaded again. Night
+//!   shifts end on the next day (begin < end always). A deleted shift disappears at the next
+//!   daily load.
+//! - **Tokens** live 20 seconds: the client logs in before a batch and again on 1001; 1008
+//!   (request rate policy) backs off.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{direction, skip, store, Poller, Round, SourceError, Terminals};
+use crate::access::directory::{Directory, PeopleOrigin, Person, Shift};
+use crate::clouds::aktion::{AktionClient, AktionHwEvent, AktionPerson};
+use crate::clouds::{CloudError, ErrorKind, HttpOptions};
+use crate::config::{AktionConfig, Config};
+use crate::ingest::Ingest;
+use crate::metrics::SourceHealth;
+use crate::model::{valid_badge, AccessStatus, NewClocking, Source};
+use crate::store::Store;
+
+const NAME: &str = "aktion";
+/// A shift changed this shortly before the last look is asked about again (clock skew between
+/// the gateway and the Aktion server).
+const CHANGE_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
+
+/// State key of a controller's `LastSync` (Unix milliseconds, big-endian).
+pub fn last_sync_key(c4: &str) -> String {
+    format!("aktion.c4.{c4}.last_sync")
+}
+
+pub struct AktionSource {
+    client: AktionClient,
+    c4s: Vec<String>,
+    terminals: Terminals,
+    every: Duration,
+    people_every: Duration,
+    people_due: Instant,
+    shift_days: u32,
+    /// Per person: the day their window was last loaded in full, when it was last looked at,
+    /// and how many shifts it holds.
+    looked: HashMap<String, Look>,
+    /// Watermarks read from the store (`None` inside: the controller has none yet).
+    last_sync: HashMap<String, Option<DateTime<Utc>>>,
+    zone_warned: HashSet<(String, String)>,
+    directory: Directory,
+    ingest: Ingest,
+    store: Arc<Store>,
+    health: Arc<SourceHealth>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Look {
+    day: NaiveDate,
+    at: DateTime<Utc>,
+    shifts: usize,
+}
+
+impl AktionSource {
+    pub fn new(
+        cfg: &AktionConfig,
+        config: &Config,
+        directory: Directory,
+        ingest: Ingest,
+        store: Arc<Store>,
+        health: Arc<SourceHealth>,
+    ) -> Result<AktionSource, CloudError> {
+        Ok(AktionSource {
+            client: AktionClient::new(cfg, HttpOptions::aktion())?,
+            c4s: cfg.c4_controllers.clone(),
+            terminals: Terminals::new(config, NAME, |t| t.aktion_c4.as_ref()),
+            every: Duration::from_secs(cfg.poll_interval_secs),
+            people_every: Duration::from_secs(cfg.people_interval_secs),
+            people_due: Instant::now(),
+            shift_days: cfg.shift_days,
+            looked: HashMap::new(),
+            last_sync: HashMap::new(),
+            zone_warned: HashSet::new(),
+            directory,
+            ingest,
+            store,
+            health,
+        })
+    }
+
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let every = self.every;
+        let health = self.health.clone();
+        super::run(NAME, self, every, health, shutdown).await;
+    }
+
+    fn stored_last_sync(&self, c4: &str) -> Result<Option<DateTime<Utc>>, SourceError> {
+        Ok(self
+            .store
+            .state(&last_sync_key(c4))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .and_then(|b| DateTime::from_timestamp_millis(i64::from_be_bytes(b))))
+    }
+
+    /// New events of one controller, stored with its new watermark.
+    async fn events(&mut self, c4: &str) -> Result<usize, SourceError> {
+        let last = match self.last_sync.get(c4) {
+            Some(l) => *l,
+            None => self.stored_last_sync(c4)?,
+        };
+        let answer = self.client.c4_events(c4, last).await?;
+        let batch: Vec<NewClocking> = answer
+            .events
+            .iter()
+            .filter_map(|e| self.clocking(c4, e))
+            .collect();
+        let state = answer
+            .last_sync
+            .map(|l| {
+                (
+                    last_sync_key(c4),
+                    l.timestamp_millis().to_be_bytes().to_vec(),
+                )
+            })
+            .into_iter()
+            .collect();
+        store(&self.ingest, &self.health, batch, state).await?;
+        self.last_sync.insert(c4.to_owned(), answer.last_sync);
+        Ok(answer.events.len())
+    }
+
+    fn clocking(&mut self, c4: &str, e: &AktionHwEvent) -> Option<NewClocking> {
+        let Some(badge) = e.identifier.clone().filter(|b| valid_badge(b)) else {
+            skip(
+                &self.health,
+                NAME,
+                &format!("C4 {c4} event {}", e.id),
+                "no usable Identifier (1 to 64 printable characters)",
+            );
+            return None;
+        };
+        let (terminal, fixed) = self.terminals.for_device(c4);
+        self.check_zone(c4, e);
+        Some(NewClocking {
+            terminal,
+            badge,
+            occurred_at: e.date,
+            direction: direction(e.gate_direction(), fixed),
+            status: Some(if e.owner_id.is_some() {
+                AccessStatus::AccessOk
+            } else {
+                AccessStatus::UnknownBadge
+            }),
+            person: e.owner_id.clone(),
+            source: Source::Aktion,
+        })
+    }
+
+    /// Presence follows the terminal's zones; say so once when Aktion names another zone.
+    fn check_zone(&mut self, c4: &str, e: &AktionHwEvent) {
+        let (Some(t), Some(zone)) = (self.terminals.claimed(c4), e.zone.as_deref()) else {
+            return;
+        };
+        let known = [&t.zone_from, &t.zone_to]
+            .into_iter()
+            .flatten()
+            .any(|z| z.eq_ignore_ascii_case(zone));
+        if t.zone_to.is_some() && !known && self.zone_warned.insert((t.id.clone(), zone.into())) {
+            tracing::warn!(
+                source = NAME,
+                terminal = %t.id,
+                aktion_zone = zone,
+                zone_from = ?t.zone_from,
+                zone_to = ?t.zone_to,
+                "Aktion names a zone the terminal does not lead to or from; presence follows the terminal's zones"
+            );
+        }
+    }
+
+    /// Persons into the directory, then each person's shifts.
+    async fn refresh_people(&mut self) -> Result<(), SourceError> {
+        let persons = self.client.persons().await?;
+        let people: Vec<Person> = persons.iter().map(person).collect();
+        self.health
+            .people
+            .store(people.len() as u64, Ordering::Relaxed);
+        self.directory
+            .replace_people(PeopleOrigin::Aktion, people)
+            .await?;
+
+        let now = Utc::now();
+        let day = now.date_naive();
+        let from = (day - chrono::Days::new(1))
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc();
+        let to = from + chrono::Days::new(u64::from(self.shift_days) + 1);
+        let ids: HashSet<&str> = persons.iter().map(|p| p.person_id.as_str()).collect();
+        for p in &persons {
+            let id = p.person_id.as_str();
+            let look = self.looked.get(id).copied();
+            let full = match look {
+                Some(l) if l.day == day => {
+                    let since = l.at - CHANGE_MARGIN;
+                    let changed = self.shifts(id, from, to, Some(since)).await?;
+                    changed.is_some_and(|c| !c.is_empty())
+                }
+                _ => true,
+            };
+            let shifts = match (full, look) {
+                (true, _) => match self.shifts(id, from, to, None).await? {
+                    Some(s) => s,
+                    // Gone between the list and the query: the next load forgets them.
+                    None => continue,
+                },
+                (false, Some(l)) => {
+                    self.looked.insert(id.to_owned(), Look { at: now, ..l });
+                    continue;
+                }
+                (false, None) => continue,
+            };
+            let count = shifts.len();
+            self.directory.replace_shifts(id, from, to, shifts).await?;
+            self.looked.insert(
+                id.to_owned(),
+                Look {
+                    day,
+                    at: now,
+                    shifts: count,
+                },
+            );
+        }
+        // Persons Aktion no longer lists keep no shifts.
+        let gone: Vec<String> = self
+            .looked
+            .keys()
+            .filter(|id| !ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.directory
+                .replace_shifts(&id, from, to, Vec::new())
+                .await?;
+            self.looked.remove(&id);
+        }
+        let shifts: usize = self.looked.values().map(|l| l.shifts).sum();
+        self.health.shifts.store(shifts as u64, Ordering::Relaxed);
+        self.people_due = Instant::now() + self.people_every;
+        Ok(())
+    }
+
+    /// The shifts of `person` beginning in `[from, to)` (the query also lists those overlapping
+    /// the window from before it); `None` when Aktion no longer knows the person.
+    async fn shifts(
+        &self,
+        person: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        changed_since: Option<DateTime<Utc>>,
+    ) -> Result<Option<Vec<Shift>>, SourceError> {
+        match self
+            .client
+            .scheduled_shifts(person, from, to, changed_since)
+            .await
+        {
+            Ok(shifts) => Ok(Some(
+                shifts
+                    .into_iter()
+                    .filter(|s| s.begin >= from && s.begin < to)
+                    .map(|s| Shift {
+                        name: s.name,
+                        begin: s.begin,
+                        end: s.end,
+                    })
+                    .collect(),
+            )),
+            Err(CloudError {
+                kind: ErrorKind::Vendor(a),
+                ..
+            }) if a.status == 404 => {
+                tracing::debug!(source = NAME, person, answer = %a, "person not found for shifts");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Poller for AktionSource {
+    async fn poll(&mut self) -> Result<Round, SourceError> {
+        // Every controller is read even when one fails (a wrong identification must not stop
+        // the others); the first failure is reported.
+        let mut first_error = None;
+        for c4 in self.c4s.clone() {
+            if let Err(e) = self.events(&c4).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if Instant::now() >= self.people_due {
+            if let Err(e) = self.refresh_people().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        let marks: Vec<String> = self
+            .c4s
+            .iter()
+            .map(|c| match self.last_sync.get(c).copied().flatten() {
+                Some(l) => format!("{c} since {}", l.to_rfc3339()),
+                None => format!("{c} from the start"),
+            })
+            .collect();
+        self.health.set_position(marks.join(", "));
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(Round::CaughtUp),
+        }
+    }
+}
+
+/// A person as the access engine knows them.
+fn person(p: &AktionPerson) -> Person {
+    let name: Vec<&str> = [p.name.as_deref(), p.surname.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    Person {
+        id: p.person_id.clone(),
+        name: (!name.is_empty()).then(|| name.join(" ")),
+        badges: p.badges().map(str::to_owned).collect(),
+        groups: p.department.iter().cloned().collect(),
+        locked: p.lock,
+    }
+}
