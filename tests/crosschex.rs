@@ -1,0 +1,346 @@
+//! The CrossChex Cloud source against the fake CrossChex (envelopes, HTTP-200 errors, page caps,
+//! expiring tokens, FREQUENT_REQUEST), with the real agent binary, its store on disk and a real
+//! Mosquitto receiving the clockings.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use badgegate::fakes::crosschex::{
+    endpoint, CrossChexControl, FakeCrossChex, Record, Shape, DEFAULT_API_KEY, DEFAULT_API_SECRET,
+};
+use badgegate::fakes::Fault;
+use badgegate::model::{local_to_instant, ClockingId, Direction};
+use chrono::{NaiveDateTime, Timelike};
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(60);
+const TZ: chrono_tz::Tz = chrono_tz::Europe::Brussels;
+const CLAIMED: &str = "SER-1";
+const UNCLAIMED: &str = "SER-2";
+
+struct Rig {
+    _mosquitto: Mosquitto,
+    fake: FakeCrossChex,
+    _dir: tempfile::TempDir,
+    agent: AgentProc,
+    api: Api,
+    sub: Subscriber,
+}
+
+/// A fake account whose rate limit is 100 ms, and an agent reading it every second with
+/// requests `request_interval_ms` apart. `seed` runs before the agent starts.
+async fn rig(request_interval_ms: u64, extra: &str, seed: impl FnOnce(&CrossChexControl)) -> Rig {
+    let mosquitto = Mosquitto::start();
+    let fake = FakeCrossChex::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctl = fake.control();
+    ctl.set_min_interval(Duration::from_millis(100));
+    seed(&ctl);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("crosschex-secret"),
+        format!("{DEFAULT_API_SECRET}\n"),
+    )
+    .unwrap();
+    let source = format!(
+        r#"
+[[terminals]]
+id = "door-1"
+crosschex_serial = "{CLAIMED}"
+
+[sources.crosschex]
+base_url = "{}"
+api_key = "{DEFAULT_API_KEY}"
+api_secret_file = "crosschex-secret"
+timezone = "Europe/Brussels"
+poll_interval_secs = 1
+request_interval_ms = {request_interval_ms}
+{extra}
+"#,
+        fake.base_url()
+    );
+    let sub = Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
+    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &source);
+    Rig {
+        _mosquitto: mosquitto,
+        fake,
+        _dir: dir,
+        agent,
+        api: Api::new(),
+        sub,
+    }
+}
+
+fn local_now() -> NaiveDateTime {
+    chrono::Utc::now().with_timezone(&TZ).naive_local()
+}
+
+fn minutes_ago(m: i64) -> NaiveDateTime {
+    // Whole seconds: checktime has no fraction.
+    let t = local_now() - chrono::Duration::minutes(m);
+    t.with_nanosecond(0).unwrap()
+}
+
+fn record(serial: &str, workno: &str, checktime: NaiveDateTime) -> Record {
+    Record {
+        checktype: 56,
+        checktime,
+        device_serial: serial.into(),
+        device_name: "FaceDeep3-IRT10".into(),
+        first_name: "F".into(),
+        last_name: format!("L{workno}"),
+        workno: workno.into(),
+    }
+}
+
+/// The id the agent gives a record: content-derived, so the test can compute it.
+fn id_of(r: &Record) -> String {
+    let terminal = if r.device_serial == CLAIMED {
+        "door-1".to_owned()
+    } else {
+        format!("crosschex-{}", r.device_serial)
+    };
+    ClockingId::derive(
+        SITE,
+        &terminal,
+        &r.workno,
+        local_to_instant(r.checktime, TZ),
+        Direction::Unknown,
+    )
+    .to_string()
+}
+
+fn ids(records: &[Record]) -> HashSet<String> {
+    records.iter().map(id_of).collect()
+}
+
+/// Adds records to the fake and returns them.
+fn upload(ctl: &CrossChexControl, records: Vec<Record>) -> Vec<Record> {
+    for r in &records {
+        ctl.add_record(r.clone());
+    }
+    records
+}
+
+async fn source_health(rig: &Rig) -> Value {
+    rig.api.get_json(&rig.agent, "/healthz").await.1["sources"]["crosschex"].clone()
+}
+
+/// Neither the API secret nor any token the fake issued is in the agent's log.
+fn assert_no_secrets(rig: &Rig) {
+    let log = rig.agent.log();
+    assert!(log.contains("badgegate started"), "the log was captured");
+    assert!(
+        !log.contains(DEFAULT_API_SECRET),
+        "the API secret was logged"
+    );
+    for r in rig.fake.control().wire().log() {
+        let body: Value = serde_json::from_str(&r.body).unwrap_or_default();
+        if let Some(token) = body["authorize"]["token"].as_str() {
+            assert!(!log.contains(token), "a token was logged");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_become_clockings_across_capped_pages_late_uploads_and_token_expiry() {
+    let mut first = Vec::new();
+    let mut rig = rig(200, "", |ctl| {
+        // The live-client shape, a server that caps per_page at 2 whatever is asked.
+        ctl.set_shape(Shape::Bare);
+        ctl.set_per_page_cap(2);
+        first = upload(
+            ctl,
+            vec![
+                record(CLAIMED, "7", minutes_ago(50)),
+                record(CLAIMED, "8", minutes_ago(40)),
+                record(UNCLAIMED, "9", minutes_ago(30)),
+                record(UNCLAIMED, "10", minutes_ago(20)),
+                record(CLAIMED, "11", minutes_ago(10)),
+            ],
+        );
+    })
+    .await;
+    let ctl = rig.fake.control();
+    let got = rig.sub.collect_ids(&ids(&first), LONG).await;
+    let seven = got
+        .iter()
+        .find(|v| v["badge"] == "7")
+        .expect("badge 7 arrived");
+    assert_eq!(seven["source"], "crosschex");
+    assert_eq!(seven["terminal"], "door-1", "claimed by crosschex_serial");
+    assert_eq!(
+        seven["direction"], "unknown",
+        "checktype is not a direction"
+    );
+    assert_eq!(seven["status"], "AccessOk", "decided by the local engine");
+    // The "+00:00" label was read as Brussels wall-clock time.
+    let label = first[0].checktime;
+    assert_eq!(seven["date"], label.format("%Y-%m-%d").to_string());
+    assert_eq!(
+        seven["time_of_day_minutes"],
+        u64::from(label.hour() * 60 + label.minute())
+    );
+    assert_eq!(
+        seven["occurred_at"],
+        local_to_instant(label, TZ).to_rfc3339()
+    );
+    let nine = got.iter().find(|v| v["badge"] == "9").unwrap();
+    assert_eq!(nine["terminal"], format!("crosschex-{UNCLAIMED}"));
+
+    // A device uploads late: behind the watermark, inside the overlap window.
+    let late = upload(&ctl, vec![record(UNCLAIMED, "12", minutes_ago(90))]);
+    rig.sub.collect_ids(&ids(&late), LONG).await;
+
+    // Every token issued so far expires: one new login, and the records keep coming.
+    let logins = ctl.wire().count(endpoint::TOKEN);
+    ctl.expire_tokens();
+    let after = upload(&ctl, vec![record(CLAIMED, "13", minutes_ago(1))]);
+    rig.sub.collect_ids(&ids(&after), LONG).await;
+    assert_eq!(ctl.wire().count(endpoint::TOKEN), logins + 1);
+
+    // The overlap is read at every poll, but nothing was submitted twice.
+    let stored = "badgegate_source_clockings_total{source=\"crosschex\"}";
+    assert_eq!(rig.api.metric(&rig.agent, stored).await, 7.0);
+    assert_eq!(
+        rig.api
+            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
+            .await,
+        0.0
+    );
+    let health = source_health(&rig).await;
+    assert_eq!(health["up"], true, "{health}");
+    assert_eq!(health["clockings"], 7);
+    assert!(
+        health["position"].as_str().unwrap().starts_with("through "),
+        "{health}"
+    );
+    assert_no_secrets(&rig);
+    assert!(rig.agent.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_garbage_and_an_outage_are_survived_without_a_request_storm() {
+    let mut rig = rig(500, "", |_| {}).await;
+    let ctl = rig.fake.control();
+    let started = Instant::now();
+
+    // FREQUENT_REQUEST three times: the agent backs off and gets through.
+    ctl.wire().fail_next_on(
+        endpoint::GET_RECORD,
+        3,
+        Fault::RateLimited {
+            retry_after_secs: 15,
+        },
+    );
+    let first = upload(&ctl, vec![record(CLAIMED, "21", minutes_ago(5))]);
+    rig.sub.collect_ids(&ids(&first), LONG).await;
+    let requests = ctl.wire().total();
+    let allowed = started.elapsed().as_secs_f64() / 0.5 + 2.0;
+    assert!(
+        (requests as f64) <= allowed,
+        "{requests} requests in {:?}: a storm",
+        started.elapsed()
+    );
+
+    // A proxy's garbage page: a clear error naming the API and the call, then recovery.
+    ctl.wire()
+        .fail_next_on(endpoint::GET_RECORD, 1, Fault::GarbageBody);
+    eventually("the garbage is reported", LONG, || async {
+        let h = source_health(&rig).await;
+        h["last_error"].as_str().is_some_and(|e| {
+            e.starts_with("CrossChex Cloud attendance.record/getrecord") && e.contains("malformed")
+        })
+    })
+    .await;
+    let second = upload(&ctl, vec![record(UNCLAIMED, "22", minutes_ago(4))]);
+    rig.sub.collect_ids(&ids(&second), LONG).await;
+    eventually("the source is up again", LONG, || async {
+        source_health(&rig).await["up"] == true
+    })
+    .await;
+
+    // The cloud unreachable for a while: records uploaded meanwhile all arrive afterwards.
+    ctl.wire().set_outage(true);
+    let during = upload(
+        &ctl,
+        (0..3)
+            .map(|i| record(CLAIMED, &format!("3{i}"), minutes_ago(3 - i)))
+            .collect(),
+    );
+    eventually("the outage is reported", LONG, || async {
+        let h = source_health(&rig).await;
+        h["up"] == false && h["last_error"].is_string()
+    })
+    .await;
+    let (status, health) = rig.api.get_json(&rig.agent, "/healthz").await;
+    assert_eq!(status, 200, "the agent keeps working: {health}");
+    ctl.wire().set_outage(false);
+    rig.sub.collect_ids(&ids(&during), LONG).await;
+    assert_no_secrets(&rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_sync_it_resumes_from_its_watermark_without_gaps_or_duplicates() {
+    // Three days to catch up (read a day per step), two pages per day.
+    let mut all = Vec::new();
+    let mut rig = rig(100, "lookback_hours = 72\noverlap_mins = 60", |ctl| {
+        ctl.set_per_page_cap(4);
+        all = upload(
+            ctl,
+            (0..23)
+                .map(|i| {
+                    let serial = if i % 2 == 0 { CLAIMED } else { UNCLAIMED };
+                    record(
+                        serial,
+                        &format!("{}", 100 + i),
+                        minutes_ago(60 * 3 * (23 - i) + 30),
+                    )
+                })
+                .collect(),
+        );
+    })
+    .await;
+    let ctl = rig.fake.control();
+    // The first day is committed before the second day's first page is asked for.
+    assert!(ctl.wire().wait_for(endpoint::GET_RECORD, 3, LONG).await);
+    rig.agent.kill9();
+    let before = ctl.wire().count(endpoint::GET_RECORD) as usize;
+    let first_begin = begin_times(&ctl)[0];
+
+    rig.agent.spawn();
+    rig.sub.collect_ids(&ids(&all), LONG).await;
+    // It resumed from its watermark (a day in, less the overlap), not from the lookback start.
+    let resumed = begin_times(&ctl)[before];
+    assert!(
+        resumed >= first_begin + chrono::Duration::hours(23),
+        "resumed at {resumed}, first read began at {first_begin}"
+    );
+    assert_eq!(
+        rig.api
+            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
+            .await,
+        0.0,
+        "nothing read before the kill was submitted again"
+    );
+    rig.api.wait_drained(&rig.agent, LONG).await;
+}
+
+/// `begin_time` of every getrecord the fake received, in order.
+fn begin_times(ctl: &CrossChexControl) -> Vec<NaiveDateTime> {
+    ctl.wire()
+        .log()
+        .iter()
+        .filter(|r| r.endpoint == endpoint::GET_RECORD)
+        .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .filter_map(|b| {
+            b["payload"]["begin_time"]
+                .as_str()
+                .and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S+00:00").ok())
+        })
+        .collect()
+}
