@@ -344,3 +344,81 @@ fn person(p: &AktionPerson) -> Person {
         locked: p.lock,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fakes::aktion::{self as fake, FakeAktion};
+    use crate::metrics::Metrics;
+    use crate::store::{SinkId, Writer};
+
+    /// The source in-process against the fake, to look into the directory it fills.
+    #[tokio::test]
+    async fn persons_and_shifts_reach_the_directory_with_night_shifts_ending_next_day() {
+        let fake = FakeAktion::start("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("fake");
+        let ctl = fake.control();
+        ctl.seed_example();
+        let now = Utc::now();
+        let today = now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
+        let night = fake::Shift {
+            person_id: "100200300".into(),
+            name: "night".into(),
+            begin: today + chrono::Duration::hours(22),
+            end: today + chrono::Duration::hours(30),
+            description: String::new(),
+            time_last_change: now,
+        };
+        ctl.add_shift(night.clone());
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("key"), fake::DEFAULT_API_KEY).expect("key");
+        let config = Config::parse(
+            &format!(
+                "[agent]\nsite = \"s\"\ndata_dir = \"{}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\
+                 [sources.aktion]\nbase_url = \"{}\"\nuser_login = \"{}\"\napi_key_file = \"key\"\n",
+                dir.path().display(),
+                fake.base_url(),
+                fake::DEFAULT_USER_LOGIN
+            ),
+            dir.path(),
+        )
+        .expect("config");
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).expect("store"));
+        let (writer, handle) = Writer::start(store.clone(), 30, None);
+        let metrics = Arc::new(Metrics::new([]).with_sources([Source::Aktion]));
+        let ingest = Ingest::new(Arc::new(config.clone()), handle, metrics.clone());
+        let directory = Directory::new();
+        let cfg = config.sources.aktion.clone().expect("aktion");
+        let mut source = AktionSource::new(
+            &cfg,
+            &config,
+            directory.clone(),
+            ingest,
+            store,
+            metrics.source(Source::Aktion),
+        )
+        .expect("source");
+        source.poll().await.expect("poll");
+
+        let p = directory.person_for_badge("123456").expect("badge map");
+        assert_eq!(p.id, "100200300");
+        assert_eq!(p.name.as_deref(), Some("Jan Novak"));
+        assert_eq!(p.groups, ["Production"]);
+        let shifts = directory.shifts_of("100200300");
+        // The seed's 2019 shifts lie outside the window; tonight's night shift is held.
+        assert_eq!(shifts.len(), 1, "{shifts:?}");
+        assert_eq!((shifts[0].begin, shifts[0].end), (night.begin, night.end));
+        assert!(shifts[0].begin < shifts[0].end);
+        assert_eq!(
+            metrics
+                .source(Source::Aktion)
+                .shifts
+                .load(Ordering::Relaxed),
+            1
+        );
+        drop(source);
+        writer.join();
+        fake.shutdown().await;
+    }
+}

@@ -1,0 +1,349 @@
+//! The Aktion source against the fake Aktion (20-second tokens in the query, 1001/1008 errors,
+//! `\/Date(ms)\/` dates, paged persons and shifts, the C4 event feed), with the real agent binary,
+//! its store on disk and a real Mosquitto receiving the passages.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use badgegate::fakes::aktion::{
+    endpoint, AktionControl, FakeAktion, HwEvent, OffsetSuffix, Person, Shift, DEFAULT_API_KEY,
+    DEFAULT_USER_LOGIN,
+};
+use badgegate::fakes::Fault;
+use badgegate::model::{ClockingId, Direction};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct Rig {
+    _mosquitto: Mosquitto,
+    fake: FakeAktion,
+    _dir: tempfile::TempDir,
+    agent: AgentProc,
+    api: Api,
+    sub: Subscriber,
+}
+
+/// Aktion knows P1 (card 90001) and P2 (card 90002, locked); controller C4-1 is the agent's
+/// terminal `door-a` (outside → production), C4-2 is claimed by no terminal.
+async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> Rig {
+    let mosquitto = Mosquitto::start();
+    let fake = FakeAktion::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctl = fake.control();
+    ctl.set_event_offset_suffix(OffsetSuffix::Alternate);
+    for (i, lock) in [(1, false), (2, true)] {
+        ctl.add_person(Person {
+            person_id: format!("P{i}"),
+            name: format!("Name{i}"),
+            surname: format!("Surname{i}"),
+            department: "Production".into(),
+            identifier_card1: format!("9000{i}"),
+            identifier_card2: None,
+            identifier_entry_code: Some("1234".into()),
+            identifiers: vec![],
+            lock,
+            time_last_change: Utc::now() - chrono::Duration::days(3),
+        });
+    }
+    ctl.add_c4("C4-1", 11, "Gate A");
+    ctl.add_c4("C4-2", 12, "Gate B");
+    seed(&ctl);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("aktion-key"),
+        format!("{DEFAULT_API_KEY}\n"),
+    )
+    .unwrap();
+    let source = format!(
+        r#"
+[[zones]]
+name = "production"
+
+[[terminals]]
+id = "door-a"
+aktion_c4 = "C4-1"
+zone_from = "outside"
+zone_to = "production"
+
+[sources.aktion]
+base_url = "{}"
+user_login = "{DEFAULT_USER_LOGIN}"
+api_key_file = "aktion-key"
+poll_interval_secs = 1
+c4_controllers = ["C4-1", "C4-2"]
+{extra}
+"#,
+        fake.base_url()
+    );
+    let sub = Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
+    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &source);
+    Rig {
+        _mosquitto: mosquitto,
+        fake,
+        _dir: dir,
+        agent,
+        api: Api::new(),
+        sub,
+    }
+}
+
+/// A passage `secs_ago` seconds ago, uploaded to the server a second later.
+fn event(hw: i64, owner: Option<&str>, identifier: &str, direction: u8, secs_ago: i64) -> HwEvent {
+    let date = Utc::now() - chrono::Duration::seconds(secs_ago);
+    let date = DateTime::from_timestamp_millis(date.timestamp_millis()).unwrap();
+    HwEvent {
+        hw_structure_id: hw,
+        date_created: date + chrono::Duration::seconds(1),
+        date,
+        event_code: 1,
+        direction,
+        owner_id: owner.map(str::to_owned),
+        identifier: identifier.into(),
+        zone: "Production".into(),
+        descriptions: vec!["Passage".into()],
+    }
+}
+
+fn id_of(e: &HwEvent) -> String {
+    let terminal = if e.hw_structure_id == 11 {
+        "door-a"
+    } else {
+        "aktion-C4-2"
+    };
+    let direction = match e.direction {
+        1 => Direction::In,
+        2 => Direction::Out,
+        _ => Direction::Unknown,
+    };
+    ClockingId::derive(
+        SITE,
+        terminal,
+        &e.identifier,
+        e.date.fixed_offset(),
+        direction,
+    )
+    .to_string()
+}
+
+fn add(ctl: &AktionControl, events: Vec<HwEvent>) -> HashSet<String> {
+    events
+        .into_iter()
+        .map(|e| {
+            let id = id_of(&e);
+            ctl.add_hw_event(e);
+            id
+        })
+        .collect()
+}
+
+async fn source_health(rig: &Rig) -> Value {
+    rig.api.get_json(&rig.agent, "/healthz").await.1["sources"]["aktion"].clone()
+}
+
+fn assert_no_secrets(rig: &Rig) {
+    let log = rig.agent.log();
+    assert!(log.contains("badgegate started"), "the log was captured");
+    assert!(!log.contains(DEFAULT_API_KEY), "the API key was logged");
+    let tokens: HashSet<String> = rig
+        .fake
+        .control()
+        .wire()
+        .log()
+        .iter()
+        .filter_map(|r| {
+            r.uri
+                .split(['?', '&'])
+                .find_map(|p| p.strip_prefix("Token="))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(!tokens.is_empty());
+    for t in tokens {
+        assert!(!log.contains(&t), "a token was logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passages_persons_and_shifts_come_from_aktion() {
+    let now = Utc::now();
+    let today = now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
+    let mut want = HashSet::new();
+    let mut rig = rig("people_interval_secs = 1", |ctl| {
+        want = add(
+            ctl,
+            vec![
+                event(11, Some("P1"), "90001", 1, 120),
+                event(11, Some("P1"), "90001", 2, 60),
+                event(12, None, "55555", 0, 30),
+            ],
+        );
+        let shift = |name: &str, begin: i64, end: i64| Shift {
+            person_id: "P1".into(),
+            name: name.into(),
+            begin: today + chrono::Duration::hours(begin),
+            end: today + chrono::Duration::hours(end),
+            description: String::new(),
+            time_last_change: now - chrono::Duration::days(2),
+        };
+        ctl.add_shift(shift("morning", 6, 14));
+        // A night shift: 22:00 to 06:00 the next day.
+        ctl.add_shift(shift("night", 22, 30));
+        // Long past: outside the window held.
+        ctl.add_shift(shift("last month", -24 * 30, -24 * 30 + 8));
+    })
+    .await;
+    let ctl = rig.fake.control();
+    let got = rig.sub.collect_ids(&want, LONG).await;
+    let arrival = got.iter().find(|v| v["direction"] == "in").unwrap();
+    assert_eq!(arrival["source"], "aktion");
+    assert_eq!(arrival["terminal"], "door-a", "claimed by aktion_c4");
+    assert_eq!(arrival["badge"], "90001");
+    assert_eq!(arrival["person"], "P1");
+    assert_eq!(arrival["status"], "AccessOk", "Aktion's verdict");
+    let departure = got.iter().find(|v| v["direction"] == "out").unwrap();
+    assert_eq!(departure["terminal"], "door-a");
+    let unknown = got.iter().find(|v| v["badge"] == "55555").unwrap();
+    assert_eq!(unknown["terminal"], "aktion-C4-2");
+    assert_eq!(unknown["status"], "UnknownBadge", "no owner in Aktion");
+    assert_eq!(unknown["person"], Value::Null);
+    assert_eq!(unknown["direction"], "unknown");
+
+    // Persons and the two shifts of the window (the night one crossing midnight).
+    eventually("persons and shifts loaded", LONG, || async {
+        let h = source_health(&rig).await;
+        h["people"] == 2 && h["shifts"] == 2
+    })
+    .await;
+    // Refreshed by TimeLastChange: a shift changed since the last look is picked up.
+    ctl.add_shift(Shift {
+        person_id: "P2".into(),
+        name: "afternoon".into(),
+        begin: today + chrono::Duration::hours(14),
+        end: today + chrono::Duration::hours(22),
+        description: String::new(),
+        time_last_change: Utc::now(),
+    });
+    eventually("the changed shift is loaded", LONG, || async {
+        source_health(&rig).await["shifts"] == 3
+    })
+    .await;
+    assert!(
+        ctl.wire()
+            .log()
+            .iter()
+            .any(|r| r.endpoint == endpoint::SCHEDULED_SHIFT && r.uri.contains("TimeLastChange=")),
+        "refreshes ask by TimeLastChange"
+    );
+
+    // Every token expires (1001): one new login, the passages keep coming.
+    let logins = ctl.wire().count(endpoint::LOGIN);
+    ctl.expire_tokens();
+    let later = add(&ctl, vec![event(11, Some("P1"), "90001", 1, 1)]);
+    rig.sub.collect_ids(&later, LONG).await;
+    assert!(ctl.wire().count(endpoint::LOGIN) > logins);
+    assert_eq!(
+        rig.api
+            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
+            .await,
+        0.0,
+        "LastSync: no event was read twice"
+    );
+    assert_eq!(source_health(&rig).await["up"], true);
+    assert_no_secrets(&rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_policy_restarts_garbage_and_outages_lose_nothing_and_duplicate_nothing() {
+    let mut first = HashSet::new();
+    let mut rig = rig("", |ctl| {
+        first = add(ctl, vec![event(11, Some("P1"), "90001", 1, 300)]);
+    })
+    .await;
+    let ctl = rig.fake.control();
+    rig.sub.collect_ids(&first, LONG).await;
+
+    // 1008 "request rate policy violated", twice: a back-off in seconds, then through.
+    let started = Instant::now();
+    let before = ctl.wire().total();
+    ctl.wire().fail_next_on(
+        endpoint::HW_EVENTS,
+        2,
+        Fault::RateLimited {
+            retry_after_secs: 1,
+        },
+    );
+    let after_1008 = add(&ctl, vec![event(12, Some("P2"), "90002", 2, 200)]);
+    rig.sub.collect_ids(&after_1008, LONG).await;
+    let requests = ctl.wire().total() - before;
+    let allowed = started.elapsed().as_secs_f64() / 0.25 + 2.0;
+    assert!(
+        (requests as f64) <= allowed,
+        "{requests} requests in {:?}: a storm",
+        started.elapsed()
+    );
+
+    // Killed; passages land meanwhile; restarted: read from the stored LastSync.
+    rig.agent.kill9();
+    let seen = ctl.wire().count(endpoint::HW_EVENTS) as usize;
+    let while_down = add(
+        &ctl,
+        vec![
+            event(11, Some("P1"), "90001", 2, 100),
+            event(12, None, "77777", 1, 90),
+        ],
+    );
+    rig.agent.spawn();
+    rig.sub.collect_ids(&while_down, LONG).await;
+    let resumed: Vec<_> = ctl
+        .wire()
+        .log()
+        .into_iter()
+        .filter(|r| r.endpoint == endpoint::HW_EVENTS)
+        .skip(seen)
+        .take(2)
+        .collect();
+    assert!(
+        resumed.iter().all(|r| r.uri.contains("LastSync=")),
+        "resumed from the watermark: {resumed:?}"
+    );
+    assert_eq!(
+        rig.api
+            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
+            .await,
+        0.0
+    );
+
+    // Garbage: a clear error naming the API and the call; then it recovers.
+    ctl.wire()
+        .fail_next_on(endpoint::HW_EVENTS, 1, Fault::GarbageBody);
+    eventually("the garbage is reported", LONG, || async {
+        source_health(&rig).await["last_error"]
+            .as_str()
+            .is_some_and(|e| {
+                e.starts_with("Aktion GET HwStructure/getC4HwEvents") && e.contains("malformed")
+            })
+    })
+    .await;
+
+    // Aktion unreachable for a while: the passages of that time arrive afterwards.
+    ctl.wire().set_outage(true);
+    let during = add(&ctl, vec![event(11, Some("P1"), "90001", 1, 5)]);
+    eventually("the outage is reported", LONG, || async {
+        let h = source_health(&rig).await;
+        h["up"] == false
+            && h["last_error"]
+                .as_str()
+                .is_some_and(|e| !e.contains("malformed"))
+    })
+    .await;
+    ctl.wire().set_outage(false);
+    rig.sub.collect_ids(&during, LONG).await;
+    rig.api.wait_drained(&rig.agent, LONG).await;
+    assert_no_secrets(&rig);
+}
