@@ -7,6 +7,7 @@
 //! summary; exits non-zero if any stored clocking was not delivered.
 
 pub mod broker;
+pub mod clouds;
 pub mod proxy;
 
 use std::collections::HashSet;
@@ -29,6 +30,7 @@ use crate::store::SinkId;
 use crate::terminals::anviz::codec::Record;
 use crate::terminals::simulator::{Simulator, SimulatorConfig};
 use broker::Broker;
+use clouds::DemoClouds;
 use proxy::Uplink;
 
 const SITE: &str = "demo";
@@ -43,6 +45,7 @@ fn demo_config(
     north: SocketAddr,
     south_listen: SocketAddr,
     protime: &FakeProtime,
+    sources: &str,
 ) -> anyhow::Result<Config> {
     std::fs::write(
         data_dir.join("protime-secret"),
@@ -100,7 +103,10 @@ token_url = "{}"
 client_id = "{}"
 client_secret_file = "protime-secret"
 timezone = "Europe/Brussels"
-"#,
+# ... and Protime's own access clockings come back, mirrored (never posted back).
+mirror = true
+mirror_interval_secs = 1
+{sources}"#,
         data_dir.display(),
         protime.base_url(),
         protime.token_url(),
@@ -139,12 +145,14 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         .await
         .context("starting the fake Protime")?;
     seed_protime(&protime);
+    let clouds = DemoClouds::start(&protime).await?;
     let config = demo_config(
         dir.path(),
         uplink.addr(),
         north_addr,
         south_listen,
         &protime,
+        &clouds.config(dir.path())?,
     )?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let api = agent.http_addr();
@@ -171,7 +179,10 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         "  {RATE} clockings/s each, real-time push; HTTP kiosk at {KIOSK_RATE}/s, re-sending now and then"
     );
     println!(
-        "  the uplink to the broker is cut from {}s to {}s\n",
+        "  clouds: CrossChex devices upload records, an Aktion C4 door reports passages, Protime records access clockings"
+    );
+    println!(
+        "  the uplink to the broker and the clouds is cut from {}s to {}s\n",
         duration.as_secs() / 3,
         2 * duration.as_secs() / 3
     );
@@ -180,7 +191,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let reposted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let terminals = vec![
+    let mut terminals = vec![
         tokio::spawn(simulate_tcb(
             north.clone(),
             0,
@@ -201,6 +212,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             stop_rx.clone(),
         )),
     ];
+    terminals.extend(clouds.generate(&protime, stop_rx.clone()));
 
     let start = Instant::now();
     let outage_at = duration / 3;
@@ -216,6 +228,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         if elapsed >= outage_at && elapsed < restore_at && uplink.is_up() {
             uplink.set_up(false);
             protime.control().wire().set_outage(true);
+            clouds.set_outage(true);
             println!("  -- uplink cut: clockings keep coming and are buffered on disk");
         }
         if elapsed >= restore_at && !uplink.is_up() {
@@ -233,6 +246,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             }
             uplink.set_up(true);
             protime.control().wire().set_outage(false);
+            clouds.set_outage(false);
             stop_tx.send_replace(true);
             restored_at = Some(Instant::now());
             println!("  -- uplink restored, terminals stopped: draining the backlog");
@@ -256,7 +270,12 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             );
         }
         if let Some(at) = restored_at {
-            if backlog == 0 && protime_backlog == 0 && delivered >= stored && on_devices == 0 {
+            if backlog == 0
+                && protime_backlog == 0
+                && delivered >= stored
+                && on_devices == 0
+                && clouds.caught_up(&agent)
+            {
                 drained_in = Some(at.elapsed());
                 break;
             }
@@ -275,6 +294,9 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let redelivered = arrivals.redelivered.load(Ordering::Relaxed);
     let bad = arrivals.bad_payloads.load(Ordering::Relaxed);
     let device_backlog = north.new_count() + south.new_count();
+    let pulled = DemoClouds::pulled(&agent);
+    let mirrored = pulled[2];
+    let from_clouds = clouds.generated.clone();
     let in_protime = protime.control().clockings().len();
     let dead_letters = {
         let store = agent.store().clone();
@@ -289,12 +311,13 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     north.stop().await;
     south.stop().await;
     protime.shutdown().await;
+    clouds.shutdown().await;
     broker.shutdown().await;
 
     println!();
     println!("  ┌─ summary ───────────────────────────────────────────────┐");
     println!(
-        "  │ clockings generated                   {:>16} │",
+        "  │ generated by the terminals and kiosk  {:>16} │",
         generated.load(Ordering::Relaxed)
     );
     println!(
@@ -318,6 +341,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         "  │ rejected by Protime → dead letters    {:>16} │",
         dead_letters
     );
+    print_sources(&from_clouds, pulled);
     println!(
         "  │ max backlog during the outage         {:>16} │",
         max_backlog
@@ -341,10 +365,15 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     if bad > 0 {
         bail!("{bad} payloads did not match the contract");
     }
-    if in_protime as u64 + dead_letters != stored {
+    // Mirrored clockings came from Protime: they are not sent back.
+    if in_protime as u64 + dead_letters != stored - mirrored {
         bail!(
-            "Protime holds {in_protime} clockings and {dead_letters} were dead-lettered, but {stored} were stored"
+            "Protime holds {in_protime} clockings and {dead_letters} were dead-lettered, but {} were stored for it",
+            stored - mirrored
         );
+    }
+    if !from_clouds.pulled_by(pulled) {
+        bail!("not everything the clouds generated was pulled: {pulled:?}");
     }
     if delivered != stored || drained_in.is_none() {
         bail!(
@@ -354,6 +383,18 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     }
     println!("  every stored clocking was delivered; none lost.");
     Ok(())
+}
+
+/// The summary's sources section: per cloud, what it generated and what the agent stored.
+fn print_sources(g: &clouds::Generated, [crosschex, aktion, protime]: [u64; 3]) {
+    for (label, generated, pulled) in [
+        ("pulled from CrossChex Cloud", &g.crosschex, crosschex),
+        ("pulled from Aktion (C4 passages)", &g.aktion, aktion),
+        ("mirrored from Protime (access)", &g.protime, protime),
+    ] {
+        let counts = format!("{pulled} of {}", generated.load(Ordering::Relaxed));
+        println!("  │ {label:<38}{counts:>16} │");
+    }
 }
 
 /// Clockings not yet confirmed by (MQTT, Protime).

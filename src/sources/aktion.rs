@@ -15,11 +15,12 @@
 //!   full once a day; at the other refreshes a query with `TimeLastChange` asks whether any of
 //!   their shifts changed since the last look, and only then is the window loaded again. Night
 //!   shifts end on the next day (begin < end always). A deleted shift disappears at the next
-//!   daily load.
+//!   daily load. A refresh looks at a few persons per poll, so passages keep being read
+//!   between slices however many persons there are.
 //! - **Tokens** live 20 seconds: the client logs in before a batch and again on 1001; 1008
 //!   (request rate policy) backs off.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ const NAME: &str = "aktion";
 /// A shift changed this shortly before the last look is asked about again (clock skew between
 /// the gateway and the Aktion server).
 const CHANGE_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
+/// Persons whose shifts are looked at per poll (a request or two each).
+const SHIFT_LOOKS_PER_POLL: usize = 8;
 
 /// State key of a controller's `LastSync` (Unix milliseconds, big-endian).
 pub fn last_sync_key(c4: &str) -> String {
@@ -59,6 +62,7 @@ pub struct AktionSource {
     /// Per person: the day their window was last loaded in full, when it was last looked at,
     /// and how many shifts it holds.
     looked: HashMap<String, Look>,
+    refresh: Option<Refresh>,
     /// Watermarks read from the store (`None` inside: the controller has none yet).
     last_sync: HashMap<String, Option<DateTime<Utc>>>,
     zone_warned: HashSet<(String, String)>,
@@ -66,6 +70,18 @@ pub struct AktionSource {
     ingest: Ingest,
     store: Arc<Store>,
     health: Arc<SourceHealth>,
+}
+
+/// A refresh of persons' shifts in progress.
+#[derive(Debug)]
+struct Refresh {
+    day: NaiveDate,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// Every person listed at the start of the refresh.
+    listed: HashSet<String>,
+    /// Persons whose shifts are still to be looked at.
+    queue: VecDeque<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +109,7 @@ impl AktionSource {
             people_due: Instant::now(),
             shift_days: cfg.shift_days,
             looked: HashMap::new(),
+            refresh: None,
             last_sync: HashMap::new(),
             zone_warned: HashSet::new(),
             directory,
@@ -191,8 +208,9 @@ impl AktionSource {
         }
     }
 
-    /// Persons into the directory, then each person's shifts.
-    async fn refresh_people(&mut self) -> Result<(), SourceError> {
+    /// Starts a refresh: persons into the directory, and every person queued for a look at
+    /// their shifts.
+    async fn load_persons(&mut self) -> Result<(), SourceError> {
         let persons = self.client.persons().await?;
         let people: Vec<Person> = persons.iter().map(person).collect();
         self.health
@@ -201,64 +219,89 @@ impl AktionSource {
         self.directory
             .replace_people(PeopleOrigin::Aktion, people)
             .await?;
-
-        let now = Utc::now();
-        let day = now.date_naive();
+        let day = Utc::now().date_naive();
         let from = (day - chrono::Days::new(1))
             .and_time(chrono::NaiveTime::MIN)
             .and_utc();
-        let to = from + chrono::Days::new(u64::from(self.shift_days) + 1);
-        let ids: HashSet<&str> = persons.iter().map(|p| p.person_id.as_str()).collect();
-        for p in &persons {
-            let id = p.person_id.as_str();
-            let look = self.looked.get(id).copied();
-            let full = match look {
-                Some(l) if l.day == day => {
-                    let since = l.at - CHANGE_MARGIN;
-                    let changed = self.shifts(id, from, to, Some(since)).await?;
-                    changed.is_some_and(|c| !c.is_empty())
-                }
-                _ => true,
-            };
-            let shifts = match (full, look) {
-                (true, _) => match self.shifts(id, from, to, None).await? {
-                    Some(s) => s,
-                    // Gone between the list and the query: the next load forgets them.
-                    None => continue,
-                },
-                (false, Some(l)) => {
-                    self.looked.insert(id.to_owned(), Look { at: now, ..l });
-                    continue;
-                }
-                (false, None) => continue,
-            };
-            let count = shifts.len();
-            self.directory.replace_shifts(id, from, to, shifts).await?;
-            self.looked.insert(
-                id.to_owned(),
-                Look {
-                    day,
-                    at: now,
-                    shifts: count,
-                },
-            );
+        self.refresh = Some(Refresh {
+            day,
+            from,
+            to: from + chrono::Days::new(u64::from(self.shift_days) + 1),
+            listed: persons.iter().map(|p| p.person_id.clone()).collect(),
+            queue: persons.into_iter().map(|p| p.person_id).collect(),
+        });
+        Ok(())
+    }
+
+    /// Looks at the shifts of the next few queued persons; the refresh ends with the last.
+    async fn look_at_shifts(&mut self) -> Result<(), SourceError> {
+        let Some(mut r) = self.refresh.take() else {
+            return Ok(());
+        };
+        let result = self.look_at_some(&mut r).await;
+        if result.is_err() || !r.queue.is_empty() {
+            self.refresh = Some(r);
+            return result;
         }
         // Persons Aktion no longer lists keep no shifts.
         let gone: Vec<String> = self
             .looked
             .keys()
-            .filter(|id| !ids.contains(id.as_str()))
+            .filter(|id| !r.listed.contains(*id))
             .cloned()
             .collect();
         for id in gone {
             self.directory
-                .replace_shifts(&id, from, to, Vec::new())
+                .replace_shifts(&id, r.from, r.to, Vec::new())
                 .await?;
             self.looked.remove(&id);
         }
         let shifts: usize = self.looked.values().map(|l| l.shifts).sum();
         self.health.shifts.store(shifts as u64, Ordering::Relaxed);
         self.people_due = Instant::now() + self.people_every;
+        Ok(())
+    }
+
+    /// A person's window is loaded in full once a day; otherwise only when a query by
+    /// `TimeLastChange` finds a shift changed since the last look.
+    async fn look_at_some(&mut self, r: &mut Refresh) -> Result<(), SourceError> {
+        for _ in 0..SHIFT_LOOKS_PER_POLL {
+            let Some(id) = r.queue.front().cloned() else {
+                return Ok(());
+            };
+            let now = Utc::now();
+            let look = self.looked.get(&id).copied().filter(|l| l.day == r.day);
+            let changed = match look {
+                Some(l) => self
+                    .shifts(&id, r.from, r.to, Some(l.at - CHANGE_MARGIN))
+                    .await?
+                    .is_some_and(|c| !c.is_empty()),
+                None => true,
+            };
+            match (changed, look) {
+                (false, Some(l)) => {
+                    self.looked.insert(id.clone(), Look { at: now, ..l });
+                }
+                _ => {
+                    // None: gone between the list and the query; the next refresh forgets it.
+                    if let Some(shifts) = self.shifts(&id, r.from, r.to, None).await? {
+                        let count = shifts.len();
+                        self.directory
+                            .replace_shifts(&id, r.from, r.to, shifts)
+                            .await?;
+                        self.looked.insert(
+                            id.clone(),
+                            Look {
+                                day: r.day,
+                                at: now,
+                                shifts: count,
+                            },
+                        );
+                    }
+                }
+            }
+            r.queue.pop_front();
+        }
         Ok(())
     }
 
@@ -309,10 +352,15 @@ impl Poller for AktionSource {
                 first_error.get_or_insert(e);
             }
         }
-        if Instant::now() >= self.people_due {
-            if let Err(e) = self.refresh_people().await {
+        // Shifts are looked at a few persons per poll, so that passages are read between
+        // slices however many persons there are.
+        if self.refresh.is_none() && Instant::now() >= self.people_due {
+            if let Err(e) = self.load_persons().await {
                 first_error.get_or_insert(e);
             }
+        }
+        if let Err(e) = self.look_at_shifts().await {
+            first_error.get_or_insert(e);
         }
         let marks: Vec<String> = self
             .c4s
@@ -325,6 +373,7 @@ impl Poller for AktionSource {
         self.health.set_position(marks.join(", "));
         match first_error {
             Some(e) => Err(e),
+            None if self.refresh.is_some() => Ok(Round::Behind),
             None => Ok(Round::CaughtUp),
         }
     }
@@ -399,7 +448,7 @@ mod tests {
             metrics.source(Source::Aktion),
         )
         .expect("source");
-        source.poll().await.expect("poll");
+        while source.poll().await.expect("poll") == Round::Behind {}
 
         let p = directory.person_for_badge("123456").expect("badge map");
         assert_eq!(p.id, "100200300");
