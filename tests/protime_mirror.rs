@@ -318,6 +318,34 @@ async fn restarts_expired_links_conflicts_garbage_and_outages_lose_nothing_and_d
         0.0
     );
 
+    // 429 with Retry-After: the next delta call waits that long, no sooner.
+    ctl.wire().fail_next_on(
+        endpoint::DELTA_ACCESS_CLOCKINGS,
+        1,
+        Fault::RateLimited {
+            retry_after_secs: 2,
+        },
+    );
+    let limited = || {
+        ctl.wire()
+            .log()
+            .iter()
+            .any(|r| r.endpoint == endpoint::DELTA_ACCESS_CLOCKINGS && r.status == Some(429))
+    };
+    eventually("the 429 was answered", LONG, || async { limited() }).await;
+    let limited_at = std::time::Instant::now();
+    let calls = ctl.wire().count(endpoint::DELTA_ACCESS_CLOCKINGS);
+    assert!(
+        ctl.wire()
+            .wait_for(endpoint::DELTA_ACCESS_CLOCKINGS, calls + 1, LONG)
+            .await
+    );
+    assert!(
+        limited_at.elapsed() >= Duration::from_millis(1800),
+        "Retry-After ignored: {:?}",
+        limited_at.elapsed()
+    );
+
     // Garbage from a proxy: a clear error naming the API and the call; then it recovers.
     ctl.wire()
         .fail_next_on(endpoint::DELTA_ACCESS_CLOCKINGS, 1, Fault::GarbageBody);
