@@ -145,17 +145,20 @@ impl AktionSource {
             .iter()
             .filter_map(|e| self.clocking(c4, e))
             .collect();
-        let state = answer
-            .last_sync
-            .map(|l| {
-                (
-                    last_sync_key(c4),
-                    l.timestamp_millis().to_be_bytes().to_vec(),
-                )
-            })
-            .into_iter()
-            .collect();
-        store(&self.ingest, &self.health, batch, state).await?;
+        // Nothing new and the same watermark: nothing to write.
+        if !answer.events.is_empty() || answer.last_sync != last {
+            let state = answer
+                .last_sync
+                .map(|l| {
+                    (
+                        last_sync_key(c4),
+                        l.timestamp_millis().to_be_bytes().to_vec(),
+                    )
+                })
+                .into_iter()
+                .collect();
+            store(&self.ingest, &self.health, batch, state).await?;
+        }
         self.last_sync.insert(c4.to_owned(), answer.last_sync);
         Ok(answer.events.len())
     }
