@@ -19,19 +19,9 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-struct Rig {
-    _mosquitto: Mosquitto,
-    fake: FakeAktion,
-    _dir: tempfile::TempDir,
-    agent: AgentProc,
-    api: Api,
-    sub: Subscriber,
-}
-
 /// Aktion knows P1 (card 90001) and P2 (card 90002, locked); controller C4-1 is the agent's
 /// terminal `door-a` (outside → production), C4-2 is claimed by no terminal.
-async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> Rig {
-    let mosquitto = Mosquitto::start();
+async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> (FakeAktion, CloudRig) {
     let fake = FakeAktion::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -54,12 +44,6 @@ async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> Rig {
     ctl.add_c4("C4-1", 11, "Gate A");
     ctl.add_c4("C4-2", 12, "Gate B");
     seed(&ctl);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("aktion-key"),
-        format!("{DEFAULT_API_KEY}\n"),
-    )
-    .unwrap();
     let source = format!(
         r#"
 [[zones]]
@@ -81,16 +65,8 @@ c4_controllers = ["C4-1", "C4-2"]
 "#,
         fake.base_url()
     );
-    let sub = Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
-    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &source);
-    Rig {
-        _mosquitto: mosquitto,
-        fake,
-        _dir: dir,
-        agent,
-        api: Api::new(),
-        sub,
-    }
+    let rig = CloudRig::start(&[("aktion-key", DEFAULT_API_KEY)], &source).await;
+    (fake, rig)
 }
 
 /// A passage `secs_ago` seconds ago, uploaded to the server a second later.
@@ -142,16 +118,9 @@ fn add(ctl: &AktionControl, events: Vec<HwEvent>) -> HashSet<String> {
         .collect()
 }
 
-async fn source_health(rig: &Rig) -> Value {
-    rig.api.get_json(&rig.agent, "/healthz").await.1["sources"]["aktion"].clone()
-}
-
-fn assert_no_secrets(rig: &Rig) {
-    let log = rig.agent.log();
-    assert!(log.contains("badgegate started"), "the log was captured");
-    assert!(!log.contains(DEFAULT_API_KEY), "the API key was logged");
-    let tokens: HashSet<String> = rig
-        .fake
+/// Neither the API key nor any token (sent in the query) is in the agent's log.
+fn assert_no_secrets(fake: &FakeAktion, rig: &CloudRig) {
+    let tokens: HashSet<String> = fake
         .control()
         .wire()
         .log()
@@ -163,10 +132,7 @@ fn assert_no_secrets(rig: &Rig) {
                 .map(str::to_owned)
         })
         .collect();
-    assert!(!tokens.is_empty());
-    for t in tokens {
-        assert!(!log.contains(&t), "a token was logged");
-    }
+    rig.assert_log_hides(std::iter::once(DEFAULT_API_KEY.to_owned()).chain(tokens));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +140,7 @@ async fn passages_persons_and_shifts_come_from_aktion() {
     let now = Utc::now();
     let today = now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
     let mut want = HashSet::new();
-    let mut rig = rig("people_interval_secs = 1", |ctl| {
+    let (fake, mut rig) = rig("people_interval_secs = 1", |ctl| {
         want = add(
             ctl,
             vec![
@@ -198,7 +164,7 @@ async fn passages_persons_and_shifts_come_from_aktion() {
         ctl.add_shift(shift("last month", -24 * 30, -24 * 30 + 8));
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     let got = rig.sub.collect_ids(&want, LONG).await;
     let arrival = got.iter().find(|v| v["direction"] == "in").unwrap();
     assert_eq!(arrival["source"], "aktion");
@@ -216,7 +182,7 @@ async fn passages_persons_and_shifts_come_from_aktion() {
 
     // Persons and the two shifts of the window (the night one crossing midnight).
     eventually("persons and shifts loaded", LONG, || async {
-        let h = source_health(&rig).await;
+        let h = rig.source_health("aktion").await;
         h["people"] == 2 && h["shifts"] == 2
     })
     .await;
@@ -230,7 +196,7 @@ async fn passages_persons_and_shifts_come_from_aktion() {
         time_last_change: Utc::now(),
     });
     eventually("the changed shift is loaded", LONG, || async {
-        source_health(&rig).await["shifts"] == 3
+        rig.source_health("aktion").await["shifts"] == 3
     })
     .await;
     assert!(
@@ -248,24 +214,22 @@ async fn passages_persons_and_shifts_come_from_aktion() {
     rig.sub.collect_ids(&later, LONG).await;
     assert!(ctl.wire().count(endpoint::LOGIN) > logins);
     assert_eq!(
-        rig.api
-            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
-            .await,
+        rig.metric("badgegate_clockings_duplicate_total").await,
         0.0,
         "LastSync: no event was read twice"
     );
-    assert_eq!(source_health(&rig).await["up"], true);
-    assert_no_secrets(&rig);
+    assert_eq!(rig.source_health("aktion").await["up"], true);
+    assert_no_secrets(&fake, &rig);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_policy_restarts_garbage_and_outages_lose_nothing_and_duplicate_nothing() {
     let mut first = HashSet::new();
-    let mut rig = rig("", |ctl| {
+    let (fake, mut rig) = rig("", |ctl| {
         first = add(ctl, vec![event(11, Some("P1"), "90001", 1, 300)]);
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     rig.sub.collect_ids(&first, LONG).await;
 
     // 1008 "request rate policy violated", twice: a back-off in seconds, then through.
@@ -312,38 +276,25 @@ async fn rate_policy_restarts_garbage_and_outages_lose_nothing_and_duplicate_not
         resumed.iter().all(|r| r.uri.contains("LastSync=")),
         "resumed from the watermark: {resumed:?}"
     );
-    assert_eq!(
-        rig.api
-            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
-            .await,
-        0.0
-    );
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
 
     // Garbage: a clear error naming the API and the call; then it recovers.
     ctl.wire()
         .fail_next_on(endpoint::HW_EVENTS, 1, Fault::GarbageBody);
-    eventually("the garbage is reported", LONG, || async {
-        source_health(&rig).await["last_error"]
-            .as_str()
-            .is_some_and(|e| {
-                e.starts_with("Aktion GET HwStructure/getC4HwEvents") && e.contains("malformed")
-            })
-    })
+    rig.wait_source_error(
+        "aktion",
+        "Aktion GET HwStructure/getC4HwEvents: malformed answer",
+    )
     .await;
+    rig.wait_source("aktion", "up again", |h| h["up"] == true)
+        .await;
 
     // Aktion unreachable for a while: the passages of that time arrive afterwards.
     ctl.wire().set_outage(true);
     let during = add(&ctl, vec![event(11, Some("P1"), "90001", 1, 5)]);
-    eventually("the outage is reported", LONG, || async {
-        let h = source_health(&rig).await;
-        h["up"] == false
-            && h["last_error"]
-                .as_str()
-                .is_some_and(|e| !e.contains("malformed"))
-    })
-    .await;
+    rig.wait_source_error("aktion", "Aktion ").await;
     ctl.wire().set_outage(false);
     rig.sub.collect_ids(&during, LONG).await;
     rig.api.wait_drained(&rig.agent, LONG).await;
-    assert_no_secrets(&rig);
+    assert_no_secrets(&fake, &rig);
 }

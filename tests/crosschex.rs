@@ -21,31 +21,19 @@ const TZ: chrono_tz::Tz = chrono_tz::Europe::Brussels;
 const CLAIMED: &str = "SER-1";
 const UNCLAIMED: &str = "SER-2";
 
-struct Rig {
-    _mosquitto: Mosquitto,
-    fake: FakeCrossChex,
-    _dir: tempfile::TempDir,
-    agent: AgentProc,
-    api: Api,
-    sub: Subscriber,
-}
-
 /// A fake account whose rate limit is 100 ms, and an agent reading it every second with
 /// requests `request_interval_ms` apart. `seed` runs before the agent starts.
-async fn rig(request_interval_ms: u64, extra: &str, seed: impl FnOnce(&CrossChexControl)) -> Rig {
-    let mosquitto = Mosquitto::start();
+async fn rig(
+    request_interval_ms: u64,
+    extra: &str,
+    seed: impl FnOnce(&CrossChexControl),
+) -> (FakeCrossChex, CloudRig) {
     let fake = FakeCrossChex::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let ctl = fake.control();
     ctl.set_min_interval(Duration::from_millis(100));
     seed(&ctl);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("crosschex-secret"),
-        format!("{DEFAULT_API_SECRET}\n"),
-    )
-    .unwrap();
     let source = format!(
         r#"
 [[terminals]]
@@ -63,16 +51,8 @@ request_interval_ms = {request_interval_ms}
 "#,
         fake.base_url()
     );
-    let sub = Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
-    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &source);
-    Rig {
-        _mosquitto: mosquitto,
-        fake,
-        _dir: dir,
-        agent,
-        api: Api::new(),
-        sub,
-    }
+    let rig = CloudRig::start(&[("crosschex-secret", DEFAULT_API_SECRET)], &source).await;
+    (fake, rig)
 }
 
 fn local_now() -> NaiveDateTime {
@@ -126,30 +106,19 @@ fn upload(ctl: &CrossChexControl, records: Vec<Record>) -> Vec<Record> {
     records
 }
 
-async fn source_health(rig: &Rig) -> Value {
-    rig.api.get_json(&rig.agent, "/healthz").await.1["sources"]["crosschex"].clone()
-}
-
 /// Neither the API secret nor any token the fake issued is in the agent's log.
-fn assert_no_secrets(rig: &Rig) {
-    let log = rig.agent.log();
-    assert!(log.contains("badgegate started"), "the log was captured");
-    assert!(
-        !log.contains(DEFAULT_API_SECRET),
-        "the API secret was logged"
-    );
-    for r in rig.fake.control().wire().log() {
-        let body: Value = serde_json::from_str(&r.body).unwrap_or_default();
-        if let Some(token) = body["authorize"]["token"].as_str() {
-            assert!(!log.contains(token), "a token was logged");
-        }
-    }
+fn assert_no_secrets(fake: &FakeCrossChex, rig: &CloudRig) {
+    let tokens = fake.control().wire().log().into_iter().filter_map(|r| {
+        let body: Value = serde_json::from_str(&r.body).ok()?;
+        body["authorize"]["token"].as_str().map(str::to_owned)
+    });
+    rig.assert_log_hides(std::iter::once(DEFAULT_API_SECRET.to_owned()).chain(tokens));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_become_clockings_across_capped_pages_late_uploads_and_token_expiry() {
     let mut first = Vec::new();
-    let mut rig = rig(200, "", |ctl| {
+    let (fake, mut rig) = rig(200, "", |ctl| {
         // The live-client shape, a server that caps per_page at 2 whatever is asked.
         ctl.set_shape(Shape::Bare);
         ctl.set_per_page_cap(2);
@@ -165,7 +134,7 @@ async fn records_become_clockings_across_capped_pages_late_uploads_and_token_exp
         );
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     let got = rig.sub.collect_ids(&ids(&first), LONG).await;
     let seven = got
         .iter()
@@ -205,28 +174,23 @@ async fn records_become_clockings_across_capped_pages_late_uploads_and_token_exp
 
     // The overlap is read at every poll, but nothing was submitted twice.
     let stored = "badgegate_source_clockings_total{source=\"crosschex\"}";
-    assert_eq!(rig.api.metric(&rig.agent, stored).await, 7.0);
-    assert_eq!(
-        rig.api
-            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
-            .await,
-        0.0
-    );
-    let health = source_health(&rig).await;
+    assert_eq!(rig.metric(stored).await, 7.0);
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
+    let health = rig.source_health("crosschex").await;
     assert_eq!(health["up"], true, "{health}");
     assert_eq!(health["clockings"], 7);
     assert!(
         health["position"].as_str().unwrap().starts_with("through "),
         "{health}"
     );
-    assert_no_secrets(&rig);
+    assert_no_secrets(&fake, &rig);
     assert!(rig.agent.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_garbage_and_an_outage_are_survived_without_a_request_storm() {
-    let mut rig = rig(500, "", |_| {}).await;
-    let ctl = rig.fake.control();
+    let (fake, mut rig) = rig(500, "", |_| {}).await;
+    let ctl = fake.control();
     let started = Instant::now();
 
     // FREQUENT_REQUEST three times: the agent backs off and gets through.
@@ -250,19 +214,15 @@ async fn rate_limits_garbage_and_an_outage_are_survived_without_a_request_storm(
     // A proxy's garbage page: a clear error naming the API and the call, then recovery.
     ctl.wire()
         .fail_next_on(endpoint::GET_RECORD, 1, Fault::GarbageBody);
-    eventually("the garbage is reported", LONG, || async {
-        let h = source_health(&rig).await;
-        h["last_error"].as_str().is_some_and(|e| {
-            e.starts_with("CrossChex Cloud attendance.record/getrecord") && e.contains("malformed")
-        })
-    })
+    rig.wait_source_error(
+        "crosschex",
+        "CrossChex Cloud attendance.record/getrecord: malformed answer",
+    )
     .await;
     let second = upload(&ctl, vec![record(UNCLAIMED, "22", minutes_ago(4))]);
     rig.sub.collect_ids(&ids(&second), LONG).await;
-    eventually("the source is up again", LONG, || async {
-        source_health(&rig).await["up"] == true
-    })
-    .await;
+    rig.wait_source("crosschex", "up again", |h| h["up"] == true)
+        .await;
 
     // The cloud unreachable for a while: records uploaded meanwhile all arrive afterwards.
     ctl.wire().set_outage(true);
@@ -272,23 +232,19 @@ async fn rate_limits_garbage_and_an_outage_are_survived_without_a_request_storm(
             .map(|i| record(CLAIMED, &format!("3{i}"), minutes_ago(3 - i)))
             .collect(),
     );
-    eventually("the outage is reported", LONG, || async {
-        let h = source_health(&rig).await;
-        h["up"] == false && h["last_error"].is_string()
-    })
-    .await;
+    rig.wait_source_error("crosschex", "CrossChex Cloud").await;
     let (status, health) = rig.api.get_json(&rig.agent, "/healthz").await;
     assert_eq!(status, 200, "the agent keeps working: {health}");
     ctl.wire().set_outage(false);
     rig.sub.collect_ids(&ids(&during), LONG).await;
-    assert_no_secrets(&rig);
+    assert_no_secrets(&fake, &rig);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_sync_it_resumes_from_its_watermark_without_gaps_or_duplicates() {
     // Three days to catch up (read a day per step), two pages per day.
     let mut all = Vec::new();
-    let mut rig = rig(100, "lookback_hours = 72\noverlap_mins = 60", |ctl| {
+    let (fake, mut rig) = rig(100, "lookback_hours = 72\noverlap_mins = 60", |ctl| {
         ctl.set_per_page_cap(4);
         all = upload(
             ctl,
@@ -305,7 +261,7 @@ async fn killed_mid_sync_it_resumes_from_its_watermark_without_gaps_or_duplicate
         );
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     // The first day is committed before the second day's first page is asked for.
     assert!(ctl.wire().wait_for(endpoint::GET_RECORD, 3, LONG).await);
     rig.agent.kill9();
@@ -321,9 +277,7 @@ async fn killed_mid_sync_it_resumes_from_its_watermark_without_gaps_or_duplicate
         "resumed at {resumed}, first read began at {first_begin}"
     );
     assert_eq!(
-        rig.api
-            .metric(&rig.agent, "badgegate_clockings_duplicate_total")
-            .await,
+        rig.metric("badgegate_clockings_duplicate_total").await,
         0.0,
         "nothing read before the kill was submitted again"
     );

@@ -14,25 +14,14 @@ use badgegate::fakes::protime::{
 use badgegate::fakes::Fault;
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use chrono::{NaiveDate, NaiveTime};
-use serde_json::Value;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
 const TZ: chrono_tz::Tz = chrono_tz::Europe::Brussels;
 
-struct Rig {
-    _mosquitto: Mosquitto,
-    fake: FakeProtime,
-    _dir: tempfile::TempDir,
-    agent: AgentProc,
-    api: Api,
-    sub: Subscriber,
-}
-
 /// Protime knows persons 1 (badge 4711) and 2 (4712), terminal 10 with our terminal id `gate-1`
 /// as its external code, and terminal 20 (`turnstile-x`) the agent has not configured.
-async fn rig(seed: impl FnOnce(&ProtimeControl)) -> Rig {
-    let mosquitto = Mosquitto::start();
+async fn rig(seed: impl FnOnce(&ProtimeControl)) -> (FakeProtime, CloudRig) {
     let fake = FakeProtime::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -53,27 +42,13 @@ async fn rig(seed: impl FnOnce(&ProtimeControl)) -> Rig {
         });
     }
     seed(&ctl);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("protime-secret"),
-        format!("{DEFAULT_CLIENT_SECRET}\n"),
-    )
-    .unwrap();
     let sink = format!(
         "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\nmirror = true\nmirror_interval_secs = 1\n",
         fake.base_url(),
         fake.token_url()
     );
-    let sub = Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
-    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &sink);
-    Rig {
-        _mosquitto: mosquitto,
-        fake,
-        _dir: dir,
-        agent,
-        api: Api::new(),
-        sub,
-    }
+    let rig = CloudRig::start(&[("protime-secret", DEFAULT_CLIENT_SECRET)], &sink).await;
+    (fake, rig)
 }
 
 fn today() -> NaiveDate {
@@ -115,11 +90,7 @@ fn ids<'a>(specs: impl IntoIterator<Item = &'a AccessClockingSpec>) -> HashSet<S
     specs.into_iter().map(id_of).collect()
 }
 
-async fn mirror_health(rig: &Rig) -> Value {
-    rig.api.get_json(&rig.agent, "/healthz").await.1["sources"]["protime"].clone()
-}
-
-async fn protime_pending(rig: &Rig) -> u64 {
+async fn protime_pending(rig: &CloudRig) -> u64 {
     let (_, v) = rig.api.get_json(&rig.agent, "/v1/queue/stats").await;
     v["sinks"]
         .as_array()
@@ -130,30 +101,21 @@ async fn protime_pending(rig: &Rig) -> u64 {
         .unwrap()
 }
 
-fn assert_no_secrets(rig: &Rig) {
-    let log = rig.agent.log();
-    assert!(log.contains("badgegate started"), "the log was captured");
-    assert!(
-        !log.contains(DEFAULT_CLIENT_SECRET),
-        "the client secret was logged"
-    );
-    for r in rig.fake.control().wire().log() {
-        for (k, v) in &r.headers {
-            if let (true, Some(token)) = (k == "authorization", v.strip_prefix("Bearer ")) {
-                assert!(!log.contains(token), "a bearer token was logged");
-            }
-        }
-    }
-}
-
-async fn metric(rig: &Rig, name: &str) -> f64 {
-    rig.api.metric(&rig.agent, name).await
+/// Neither the client secret nor any bearer token the fake saw is in the agent's log.
+fn assert_no_secrets(fake: &FakeProtime, rig: &CloudRig) {
+    let tokens = fake.control().wire().log().into_iter().flat_map(|r| {
+        r.headers
+            .into_iter()
+            .filter(|(k, _)| k == "authorization")
+            .filter_map(|(_, v)| v.strip_prefix("Bearer ").map(str::to_owned))
+    });
+    rig.assert_log_hides(std::iter::once(DEFAULT_CLIENT_SECRET.to_owned()).chain(tokens));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_clockings_are_mirrored_with_their_status_and_never_echoed_to_protime() {
     let mut initial = Vec::new();
-    let mut rig = rig(|ctl| {
+    let (fake, mut rig) = rig(|ctl| {
         // Two items per page, an empty page (with a nextLink) before each one.
         ctl.set_page_size(2);
         ctl.set_empty_pages(1);
@@ -176,7 +138,7 @@ async fn access_clockings_are_mirrored_with_their_status_and_never_echoed_to_pro
         ctl.add_access_clocking(spec(1, 30, 600, 10));
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     let got = rig.sub.collect_ids(&ids(&initial), LONG).await;
     let first = got.iter().find(|v| v["id"] == id_of(&initial[0])).unwrap();
     assert_eq!(first["source"], "protime");
@@ -245,12 +207,10 @@ async fn access_clockings_are_mirrored_with_their_status_and_never_echoed_to_pro
             .wait_for(endpoint::DELTA_ACCESS_CLOCKINGS, deltas + 2, LONG)
             .await
     );
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
     assert_eq!(
-        metric(&rig, "badgegate_clockings_duplicate_total").await,
-        0.0
-    );
-    assert_eq!(
-        metric(&rig, "badgegate_source_clockings_total{source=\"protime\"}").await,
+        rig.metric("badgegate_source_clockings_total{source=\"protime\"}")
+            .await,
         5.0
     );
 
@@ -262,26 +222,26 @@ async fn access_clockings_are_mirrored_with_their_status_and_never_echoed_to_pro
     rig.sub.collect_ids(&ids([&later]), LONG).await;
     assert_eq!(ctl.token_requests(), logins + 1);
 
-    let health = mirror_health(&rig).await;
+    let health = rig.source_health("protime").await;
     assert_eq!(health["up"], true, "{health}");
     assert_eq!(health["people"], 2, "the badge map was loaded");
     assert_eq!(health["position"], "delta");
     // The one token served the sink and the mirror alike: no login per call.
     assert!(ctl.token_requests() <= 3, "{}", ctl.token_requests());
-    assert_no_secrets(&rig);
+    assert_no_secrets(&fake, &rig);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_expired_links_conflicts_garbage_and_outages_lose_nothing_and_duplicate_nothing() {
     let mut initial = Vec::new();
-    let mut rig = rig(|ctl| {
+    let (fake, mut rig) = rig(|ctl| {
         initial = vec![spec(1, 0, 400, 10), spec(2, 0, 401, 20)];
         for s in &initial {
             ctl.add_access_clocking(s.clone());
         }
     })
     .await;
-    let ctl = rig.fake.control();
+    let ctl = fake.control();
     rig.sub.collect_ids(&ids(&initial), LONG).await;
     rig.api.wait_drained(&rig.agent, LONG).await;
 
@@ -313,10 +273,7 @@ async fn restarts_expired_links_conflicts_garbage_and_outages_lose_nothing_and_d
         ctl.wire().count(endpoint::ACCESS_CLOCKINGS) > loads,
         "re-synced"
     );
-    assert_eq!(
-        metric(&rig, "badgegate_clockings_duplicate_total").await,
-        0.0
-    );
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
 
     // 429 with Retry-After: the next delta call waits that long, no sooner.
     ctl.wire().fail_next_on(
@@ -349,33 +306,22 @@ async fn restarts_expired_links_conflicts_garbage_and_outages_lose_nothing_and_d
     // Garbage from a proxy: a clear error naming the API and the call; then it recovers.
     ctl.wire()
         .fail_next_on(endpoint::DELTA_ACCESS_CLOCKINGS, 1, Fault::GarbageBody);
-    eventually("the garbage is reported", LONG, || async {
-        mirror_health(&rig).await["last_error"]
-            .as_str()
-            .is_some_and(|e| {
-                e.starts_with("Protime GET /delta/access-clockings") && e.contains("malformed")
-            })
-    })
+    rig.wait_source_error(
+        "protime",
+        "Protime GET /delta/access-clockings: malformed answer",
+    )
     .await;
+    rig.wait_source("protime", "up again", |h| h["up"] == true)
+        .await;
 
     // Protime unreachable for a while: what changed meanwhile arrives afterwards.
     ctl.wire().set_outage(true);
     let during = spec(2, 0, 405, 20);
     ctl.add_access_clocking(during.clone());
-    eventually("the outage is reported", LONG, || async {
-        let h = mirror_health(&rig).await;
-        h["up"] == false
-            && h["last_error"]
-                .as_str()
-                .is_some_and(|e| !e.contains("malformed"))
-    })
-    .await;
+    rig.wait_source_error("protime", "Protime GET").await;
     ctl.wire().set_outage(false);
     rig.sub.collect_ids(&ids([&during]), LONG).await;
-    assert_eq!(
-        metric(&rig, "badgegate_clockings_duplicate_total").await,
-        0.0
-    );
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
     assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 0, "no echo");
-    assert_no_secrets(&rig);
+    assert_no_secrets(&fake, &rig);
 }

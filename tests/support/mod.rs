@@ -518,3 +518,75 @@ pub fn anviz_connect(id: &str, addr: SocketAddr, device_id: u32) -> String {
         "\n[[terminals]]\nid = \"{id}\"\nkind = \"anviz\"\naddress = \"{addr}\"\ndevice_id = {device_id}\nrequest_timeout_ms = 2000\nkeepalive_secs = 1\nbackfill_interval_secs = 2\n"
     )
 }
+
+/// The parts every cloud-source test needs: a real Mosquitto, a subscriber on every clocking
+/// topic (subscribed before the agent starts, so nothing is missed), and the agent with `extra`
+/// config. `secrets` (file name, content) are written beside the config first.
+pub struct CloudRig {
+    pub mosquitto: Mosquitto,
+    pub dir: tempfile::TempDir,
+    pub agent: AgentProc,
+    pub api: Api,
+    pub sub: Subscriber,
+}
+
+impl CloudRig {
+    pub async fn start(secrets: &[(&str, &str)], extra: &str) -> CloudRig {
+        let mosquitto = Mosquitto::start();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in secrets {
+            std::fs::write(dir.path().join(name), format!("{content}\n")).unwrap();
+        }
+        let sub =
+            Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
+        let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", extra);
+        CloudRig {
+            mosquitto,
+            dir,
+            agent,
+            api: Api::new(),
+            sub,
+        }
+    }
+
+    /// `sources.<name>` of the agent's `/healthz`.
+    pub async fn source_health(&self, name: &str) -> Value {
+        self.api.get_json(&self.agent, "/healthz").await.1["sources"][name].clone()
+    }
+
+    /// Waits until the source's health satisfies `cond`.
+    pub async fn wait_source(&self, name: &str, what: &str, cond: impl Fn(&Value) -> bool) {
+        eventually(what, Duration::from_secs(90), || async {
+            cond(&self.source_health(name).await)
+        })
+        .await;
+    }
+
+    /// Waits until the source reports a failed poll whose error contains `needle`.
+    pub async fn wait_source_error(&self, name: &str, needle: &str) {
+        self.wait_source(name, &format!("{name} reports {needle:?}"), |h| {
+            h["up"] == false && h["last_error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+        .await;
+    }
+
+    /// The agent's log (RUST_LOG=badgegate=debug) contains none of `secrets`.
+    pub fn assert_log_hides(&self, secrets: impl IntoIterator<Item = String>) {
+        let log = self.agent.log();
+        assert!(log.contains("badgegate started"), "the log was captured");
+        let mut checked = 0;
+        for s in secrets {
+            assert!(!s.is_empty());
+            assert!(!log.contains(&s), "a secret or token was logged");
+            checked += 1;
+        }
+        assert!(
+            checked >= 2,
+            "the secret and at least one token were checked"
+        );
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.api.metric(&self.agent, name).await
+    }
+}
