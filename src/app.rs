@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::access::directory::Directory;
+use crate::access::mqtt::AccessLink;
+use crate::access::{AccessEngine, Directory, PeopleOrigin};
 use crate::clouds::protime::ProtimeClient;
 use crate::clouds::HttpOptions;
 use crate::config::{Config, TerminalConfig, TerminalKind};
@@ -26,6 +27,9 @@ use crate::terminals::anviz::link::AnvizLink;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The people file changed since the config was checked and is no longer valid.
+    #[error("access.people_file: {0}")]
+    People(String),
     #[error("{0}")]
     Tls(String),
     #[error("sinks.protime: {0}")]
@@ -52,6 +56,9 @@ pub struct Agent {
     writer_handle: WriterHandle,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    ingest: Ingest,
+    access: AccessEngine,
+    directory: Directory,
 }
 
 impl Agent {
@@ -67,11 +74,6 @@ impl Agent {
             .await
             .map_err(|e| StoreError::Io(e.to_string()))??;
         let store = Arc::new(store);
-        let (writer, writer_handle) = Writer::start(
-            store.clone(),
-            config.agent.dedupe_days,
-            config.agent.store_max_bytes,
-        );
         let link_terminals: Vec<&TerminalConfig> = config
             .terminals
             .iter()
@@ -88,6 +90,34 @@ impl Agent {
         let metrics = Arc::new(
             Metrics::new(link_terminals.iter().map(|t| t.id.as_str())).with_sources(cloud_sources),
         );
+        // Presence and people as last committed, before the writer decides anything.
+        let (directory, access, hook) = {
+            let (config, store, metrics) = (config.clone(), store.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                let directory = Directory::load(&store)?;
+                let (engine, hook) = AccessEngine::load(&config, &store, &directory, metrics)?;
+                Ok::<_, StoreError>((directory, engine, hook))
+            })
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))??
+        };
+        let (writer, writer_handle) = Writer::start_with_access(
+            store.clone(),
+            config.agent.dedupe_days,
+            config.agent.store_max_bytes,
+            Some(hook),
+        );
+        directory.persist_with(writer_handle.clone(), metrics.clone());
+        if let Some(path) = &config.access.people_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::People(format!("cannot read {}: {e}", path.display())))?;
+            let people = crate::access::people_file::parse(&text).map_err(|errors| {
+                StartError::People(format!("{}: {}", path.display(), errors.join("; ")))
+            })?;
+            let n = people.len();
+            directory.replace_people(PeopleOrigin::File, people).await?;
+            tracing::info!(persons = n, file = %path.display(), "people file loaded");
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut sink_tasks = Vec::new();
@@ -117,6 +147,17 @@ impl Agent {
             );
             sink_tasks.push(tokio::spawn(sink.run(shutdown_rx.clone())));
         }
+        if let Some(link) = AccessLink::new(
+            config.clone(),
+            access.clone(),
+            store.clone(),
+            writer_handle.clone(),
+            metrics.clone(),
+        )
+        .map_err(StartError::Tls)?
+        {
+            sink_tasks.push(tokio::spawn(link.run(shutdown_rx.clone())));
+        }
 
         let ingest = Ingest::new(config.clone(), writer_handle.clone(), metrics.clone());
         let mut source_tasks = Vec::new();
@@ -126,7 +167,6 @@ impl Agent {
             source_tasks.push(tokio::spawn(link.run(shutdown_rx.clone())));
         }
         // People and shifts from the clouds, for the access engine.
-        let directory = Directory::new();
         if let (Some(p), Some(client)) = (protime.filter(|p| p.mirror), protime_client) {
             let mirror = ProtimeMirror::new(
                 client,
@@ -174,10 +214,11 @@ impl Agent {
         })?;
         let state = ApiState {
             config: config.clone(),
-            ingest,
+            ingest: ingest.clone(),
             store: store.clone(),
             writer: writer_handle.clone(),
             metrics: metrics.clone(),
+            access: access.clone(),
         };
         let mut stop = shutdown_rx.clone();
         let http_task = tokio::spawn(async move {
@@ -206,6 +247,9 @@ impl Agent {
             writer_handle,
             store,
             metrics,
+            ingest,
+            access,
+            directory,
         })
     }
 
@@ -219,6 +263,20 @@ impl Agent {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The one path into the store, for sources running in-process.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    pub fn access(&self) -> &AccessEngine {
+        &self.access
+    }
+
+    /// The person directory the person sources fill.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// A check that the store is writable (the last commit succeeded), usable from any task
@@ -241,6 +299,8 @@ impl Agent {
             let _ = t.await;
         }
         drop(self.writer_handle);
+        drop(self.ingest);
+        drop(self.directory);
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         tracing::info!("stopped cleanly");

@@ -52,6 +52,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Who is inside: persons per zone, or one zone's muster list (person, since, last
+    /// terminal). Asks the running agent, or reads the store when it is stopped.
+    Zones {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Show this zone's muster list instead of the counts.
+        zone: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the durable queue.
     Queue {
         #[command(subcommand)]

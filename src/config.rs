@@ -12,7 +12,7 @@ use chrono_tz::Tz;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::model::Direction;
+use crate::model::{AccessStatus, Direction};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/badgegate/badgegate.toml";
 /// The contract's limit on one ingest request.
@@ -192,11 +192,32 @@ pub enum AntiPassback {
 pub struct AccessConfig {
     pub antipassback: AntiPassback,
     pub people_file: Option<PathBuf>,
+    /// A person cannot enter a zone again within this long of their last passage into or out of
+    /// it (timed anti-passback). Zero: off.
+    pub reentry_lockout: chrono::Duration,
+    /// Every day at this local time (`agent.timezone`) anti-passback is forgiven: presence held
+    /// from before it no longer refuses a passage (it still shows on the muster list).
+    pub forgive_at: Option<chrono::NaiveTime>,
+    /// Presence older than this counts as unknown (for anti-passback and occupancy).
+    pub presence_ttl: Option<chrono::Duration>,
+    /// Share presence transitions with the other gateways of the site through the broker.
+    pub site_sync: bool,
+    /// Occupancy is published at most this often per zone.
+    pub occupancy_interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct ZoneConfig {
     pub name: String,
+    /// Entering the zone needs a scheduled shift of the person (within the tolerance).
+    pub require_shift: bool,
+    pub shift_tolerance: chrono::Duration,
+    /// The status of a successful passage out of the zone (`OutZone` for monitored zones).
+    pub exit_status: Option<AccessStatus>,
+    /// When not empty, only persons in one of these groups may enter.
+    pub allowed_groups: Vec<String>,
+    /// Overrides `access.antipassback` for the terminals leading into this zone.
+    pub antipassback: Option<AntiPassback>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -329,6 +350,12 @@ impl Config {
         let zones = v.zones(raw_zones);
         let terminals = v.terminals(raw_terminals, agent.timezone, &zones);
         let access = v.access(raw_access);
+        if access.site_sync && mqtt.is_none() && !v.has_problem_under("mqtt") {
+            v.problem(
+                "access.site_sync",
+                "needs [mqtt]: gateways share presence through the site's broker",
+            );
+        }
         let protime = raw_protime.and_then(|p| v.protime(p, agent.timezone));
         let crosschex = raw_crosschex.and_then(|c| v.crosschex(c, agent.timezone));
         let aktion = raw_aktion.and_then(|a| v.aktion(a));
@@ -465,11 +492,21 @@ struct RawTerminal {
 struct RawAccess {
     antipassback: Option<String>,
     people_file: Option<PathBuf>,
+    reentry_lockout_secs: Option<u32>,
+    forgive_at: Option<String>,
+    presence_ttl_hours: Option<u32>,
+    site_sync: Option<bool>,
+    occupancy_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct RawZone {
     name: Option<String>,
+    require_shift: Option<bool>,
+    shift_tolerance_mins: Option<u32>,
+    exit_status: Option<String>,
+    allowed_groups: Option<Vec<String>>,
+    antipassback: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -835,9 +872,54 @@ impl Validator {
             } else if !name.is_empty() && !seen.insert(name.clone()) {
                 self.problem(&key, format!("zone {name:?} declared twice"));
             }
-            zones.push(ZoneConfig { name });
+            let k = |f: &str| format!("zones[{i}].{f}");
+            let exit_status = match z.exit_status.as_deref() {
+                None => None,
+                Some(s) => match s.parse::<AccessStatus>() {
+                    Ok(st @ (AccessStatus::OutZone | AccessStatus::AccessOk)) => Some(st),
+                    _ => {
+                        self.problem(
+                            &k("exit_status"),
+                            format!("{s:?} is not an exit status (expected OutZone or AccessOk)"),
+                        );
+                        None
+                    }
+                },
+            };
+            let antipassback = z
+                .antipassback
+                .as_deref()
+                .map(|a| self.antipassback(&k("antipassback"), a));
+            let tolerance = z.shift_tolerance_mins.unwrap_or(0);
+            if tolerance > 24 * 60 {
+                self.problem(&k("shift_tolerance_mins"), "must be at most 1440 (a day)");
+            }
+            let allowed_groups = z.allowed_groups.unwrap_or_default();
+            if allowed_groups.iter().any(|g| g.trim().is_empty()) {
+                self.problem(&k("allowed_groups"), "a group name must not be empty");
+            }
+            zones.push(ZoneConfig {
+                name,
+                require_shift: z.require_shift.unwrap_or(false),
+                shift_tolerance: chrono::Duration::minutes(i64::from(tolerance)),
+                exit_status,
+                allowed_groups,
+                antipassback,
+            });
         }
         zones
+    }
+
+    fn antipassback(&mut self, key: &str, value: &str) -> AntiPassback {
+        match value {
+            "off" => AntiPassback::Off,
+            "soft" => AntiPassback::Soft,
+            "hard" => AntiPassback::Hard,
+            other => {
+                self.problem(key, format!("{other:?} is not one of off, soft, hard"));
+                AntiPassback::Off
+            }
+        }
     }
 
     fn terminals(
@@ -911,6 +993,11 @@ impl Validator {
             }
             if t.zone_from.is_some() != t.zone_to.is_some() {
                 self.problem(&k("zone_to"), "zone_from and zone_to go together");
+            } else if t.zone_from.is_some() && t.zone_from == t.zone_to {
+                self.problem(
+                    &k("zone_to"),
+                    "must differ from zone_from (a terminal moves people between two zones)",
+                );
             }
             let direction = match t.direction.as_deref() {
                 None => None,
@@ -1013,21 +1100,61 @@ impl Validator {
     }
 
     fn access(&mut self, raw: RawAccess) -> AccessConfig {
-        let antipassback = match raw.antipassback.as_deref() {
-            None | Some("off") => AntiPassback::Off,
-            Some("soft") => AntiPassback::Soft,
-            Some("hard") => AntiPassback::Hard,
-            Some(other) => {
-                self.problem(
-                    "access.antipassback",
-                    format!("{other:?} is not one of off, soft, hard"),
-                );
-                AntiPassback::Off
+        let antipassback = raw.antipassback.as_deref().map_or(AntiPassback::Off, |a| {
+            self.antipassback("access.antipassback", a)
+        });
+        let people_file = self.existing_file("access.people_file", raw.people_file);
+        if let Some(path) = people_file.as_deref().filter(|p| p.is_file()) {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    if let Err(errors) = crate::access::people_file::parse(&text) {
+                        for e in errors.iter().take(10) {
+                            self.problem("access.people_file", format!("{}: {e}", path.display()));
+                        }
+                    }
+                }
+                Err(e) => self.problem(
+                    "access.people_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ),
             }
-        };
+        }
+        let forgive_at = raw.forgive_at.and_then(|t| {
+            let parsed = chrono::NaiveTime::parse_from_str(&t, "%H:%M");
+            if parsed.is_err() {
+                self.problem(
+                    "access.forgive_at",
+                    format!("{t:?} is not a local time HH:MM (e.g. \"03:00\")"),
+                );
+            }
+            parsed.ok()
+        });
+        if raw.presence_ttl_hours == Some(0) {
+            self.problem(
+                "access.presence_ttl_hours",
+                "must be at least 1 (leave it out for presence that never expires)",
+            );
+        }
+        let occupancy_interval_ms = raw.occupancy_interval_ms.unwrap_or(1000);
+        if !(50..=3_600_000).contains(&occupancy_interval_ms) {
+            self.problem(
+                "access.occupancy_interval_ms",
+                format!("{occupancy_interval_ms} is out of range (50..=3600000)"),
+            );
+        }
         AccessConfig {
             antipassback,
-            people_file: self.existing_file("access.people_file", raw.people_file),
+            people_file,
+            reentry_lockout: chrono::Duration::seconds(i64::from(
+                raw.reentry_lockout_secs.unwrap_or(0),
+            )),
+            forgive_at,
+            presence_ttl: raw
+                .presence_ttl_hours
+                .filter(|h| *h > 0)
+                .map(|h| chrono::Duration::hours(i64::from(h))),
+            site_sync: raw.site_sync.unwrap_or(false),
+            occupancy_interval: std::time::Duration::from_millis(occupancy_interval_ms),
         }
     }
 
@@ -1376,6 +1503,56 @@ mod tests {
         ] {
             assert!(k.contains(&want.to_string()), "missing {want} in {k:?}");
         }
+    }
+
+    #[test]
+    fn access_settings_are_validated_naming_their_keys() {
+        let ok = parse(&format!(
+            "{MINIMAL}\n[access]\nantipassback = \"soft\"\nreentry_lockout_secs = 30\nforgive_at = \"03:00\"\npresence_ttl_hours = 16\nsite_sync = true\n[[zones]]\nname = \"lab\"\nexit_status = \"OutZone\"\nallowed_groups = [\"chemists\"]\nrequire_shift = true\nshift_tolerance_mins = 10\nantipassback = \"hard\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.access.antipassback, AntiPassback::Soft);
+        assert_eq!(ok.access.reentry_lockout.num_seconds(), 30);
+        assert_eq!(ok.access.forgive_at.unwrap().to_string(), "03:00:00");
+        assert_eq!(ok.access.presence_ttl.unwrap().num_hours(), 16);
+        assert!(ok.access.site_sync);
+        let lab = &ok.zones[0];
+        assert_eq!(lab.exit_status, Some(AccessStatus::OutZone));
+        assert_eq!(lab.antipassback, Some(AntiPassback::Hard));
+        assert_eq!(lab.shift_tolerance.num_minutes(), 10);
+
+        let err = parse(&format!(
+            "{MINIMAL}\n[access]\nantipassback = \"strict\"\nforgive_at = \"3 am\"\npresence_ttl_hours = 0\noccupancy_interval_ms = 1\n[[zones]]\nname = \"lab\"\nexit_status = \"AccessRefused\"\nantipassback = \"sometimes\"\nshift_tolerance_mins = 2000\nallowed_groups = [\"\"]\n[[terminals]]\nid = \"loop\"\nzone_from = \"lab\"\nzone_to = \"lab\"\n"
+        ))
+        .unwrap_err();
+        let mut k = keys(err);
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "access.antipassback",
+                "access.forgive_at",
+                "access.occupancy_interval_ms",
+                "access.presence_ttl_hours",
+                "terminals[1].zone_to",
+                "zones[0].allowed_groups",
+                "zones[0].antipassback",
+                "zones[0].exit_status",
+                "zones[0].shift_tolerance_mins",
+            ]
+        );
+        let no_broker = "[agent]\nsite = \"s\"\n[access]\nsite_sync = true\n[sinks.protime]\n";
+        assert!(keys(parse(no_broker).unwrap_err()).contains(&"access.site_sync".to_string()));
+    }
+
+    #[test]
+    fn a_bad_people_file_is_a_config_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("people.csv"), "badge,person\n1,A\n1,B\n").unwrap();
+        let text = format!("{MINIMAL}\n[access]\npeople_file = \"people.csv\"\n");
+        let err = Config::parse(&text, dir.path()).unwrap_err();
+        assert_eq!(err.0[0].key, "access.people_file");
+        assert!(err.0[0].message.contains("line 3"), "{err}");
     }
 
     #[test]

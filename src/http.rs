@@ -1,11 +1,11 @@
-//! The local HTTP API: ingest, health, metrics, queue statistics.
+//! The local HTTP API: ingest, health, metrics, queue statistics, access checks, zones.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use std::collections::HashMap;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,6 +13,8 @@ use axum::{Json, Router};
 use chrono::DateTime;
 use serde_json::{json, Value};
 
+use crate::access::engine::parse_check;
+use crate::access::AccessEngine;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -26,6 +28,7 @@ pub struct ApiState {
     pub store: Arc<Store>,
     pub writer: WriterHandle,
     pub metrics: Arc<Metrics>,
+    pub access: AccessEngine,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -36,6 +39,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/queue/stats", get(queue_stats))
         .route("/v1/queue/clockings", get(queue_clockings))
         .route("/v1/queue/replay-dead-letters", post(replay_dead_letters))
+        .route("/v1/access/check", post(access_check))
+        .route("/v1/zones", get(zones))
+        .route("/v1/zones/{zone}/people", get(zone_people))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -257,7 +263,13 @@ async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiEr
     let outcomes = st.ingest.submit(batch).await?;
     let accepted: Vec<Value> = outcomes
         .iter()
-        .map(|o| json!({"id": o.id.to_string(), "duplicate": !o.stored}))
+        .map(|o| {
+            let mut a = json!({"id": o.id.to_string(), "duplicate": !o.stored});
+            if let Some(s) = o.status {
+                a["status"] = json!(s.as_str());
+            }
+            a
+        })
         .collect();
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
 }
@@ -399,6 +411,7 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             "connected": m.connected.load(std::sync::atomic::Ordering::Relaxed),
             "last_error": m.last_error(),
             "in_flight": m.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            "access_connected": st.metrics.access.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
         });
     }
     if !st.metrics.terminals.is_empty() {
@@ -416,6 +429,15 @@ async fn healthz(State(st): State<ApiState>) -> Response {
             .sources
             .iter()
             .map(|(name, h)| ((*name).to_owned(), h.to_json()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    if !st.access.rules().zones.is_empty() {
+        body["zones"] = st
+            .access
+            .zone_counts(chrono::Utc::now())
+            .into_iter()
+            .map(|(z, n)| (z, json!(n)))
             .collect::<serde_json::Map<_, _>>()
             .into();
     }
@@ -447,9 +469,10 @@ async fn healthz(State(st): State<ApiState>) -> Response {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     let stats = stats(&st.store).await.ok();
+    let zones = st.access.zone_counts(chrono::Utc::now());
     let text = st
         .metrics
-        .render(stats.as_ref(), st.writer.last_error().is_none());
+        .render(stats.as_ref(), st.writer.last_error().is_none(), &zones);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -530,4 +553,54 @@ async fn replay_dead_letters(
 
 async fn queue_stats(State(st): State<ApiState>) -> Result<Json<QueueStats>, ApiError> {
     Ok(Json(stats(&st.store).await?))
+}
+
+/// `POST /v1/access/check`: the status a clocking would get now, recording nothing.
+async fn access_check(State(st): State<ApiState>, req: Request) -> Result<Json<Value>, ApiError> {
+    let (parts, body) = req.into_parts();
+    if !is_json(&parts.headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the check as JSON with Content-Type: application/json",
+        ));
+    }
+    let body = read_body(body, &parts.headers, st.config.http.max_body_bytes).await?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let check = parse_check(&st.config, &value, &[]).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: e.code,
+        message: e.message,
+        index: None,
+        field: e.field,
+    })?;
+    Ok(Json(st.access.check(&check)))
+}
+
+/// `GET /v1/zones`: every zone with how many are inside.
+async fn zones(State(st): State<ApiState>) -> Json<Value> {
+    Json(st.access.zones(chrono::Utc::now()))
+}
+
+/// `GET /v1/zones/{zone}/people`: the muster list.
+async fn zone_people(
+    State(st): State<ApiState>,
+    Path(zone): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.access
+        .zone(&zone, chrono::Utc::now())
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_zone",
+                format!("zone {zone:?} is not declared in [[zones]]"),
+            )
+        })
 }

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::access;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{Clocking, NewClocking};
+use crate::model::{AccessStatus, Clocking, NewClocking};
 use crate::store::{IngestOutcome, StoreError, WriterHandle};
 
 #[derive(Clone)]
@@ -34,6 +33,11 @@ impl Ingest {
 
     /// Turn new clockings into stored ones. Every terminal must be configured (callers validate
     /// first); returns after the fsync'd commit, one outcome per clocking, in order.
+    ///
+    /// A clocking without a status is decided by the access engine inside the store's writer,
+    /// in arrival order and in the commit that stores it. One with a status keeps it: a status
+    /// reported by a terminal passes through, and one from a cloud source (Protime, Aktion) is
+    /// a mirror, whose presence effect is applied and whose status is compared with the local one.
     pub async fn submit(&self, batch: Vec<NewClocking>) -> Result<Vec<IngestOutcome>, StoreError> {
         self.submit_with_state(batch, Vec::new()).await
     }
@@ -50,16 +54,19 @@ impl Ingest {
         let now = Utc::now();
         let site = &self.config.agent.site;
         let mut clockings = Vec::with_capacity(batch.len());
+        let mut decide = Vec::with_capacity(batch.len());
         for new in batch {
             self.metrics.count_received(new.source, 1);
             let tz = self
                 .config
                 .terminal(&new.terminal)
                 .map_or(self.config.agent.timezone, |t| t.timezone);
-            let status = new.status.unwrap_or_else(|| access::decide(&new));
+            decide.push(new.status.is_none());
+            // The engine replaces the placeholder of an undecided clocking before it is stored.
+            let status = new.status.unwrap_or(AccessStatus::AccessOk);
             clockings.push(Clocking::from_new(site, tz, new, status, now));
         }
-        match self.writer.ingest(clockings, state).await {
+        match self.writer.ingest_deciding(clockings, decide, state).await {
             Ok(outcomes) => {
                 let stored = outcomes.iter().filter(|o| o.stored).count() as u64;
                 self.metrics.stored.fetch_add(stored, Ordering::Relaxed);

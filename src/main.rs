@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::Status { config, json } => status(&config, json),
+        Command::Zones { config, zone, json } => zones(&config, zone.as_deref(), json),
         Command::Queue { command } => match command {
             QueueCommand::Stats { config, json } => queue_stats(&config, json),
             QueueCommand::List {
@@ -143,7 +144,8 @@ fn run(path: &Path, format: LogFormat) -> ExitCode {
                     StartError::Protime(_)
                     | StartError::CrossChex(_)
                     | StartError::Aktion(_)
-                    | StartError::Tls(_) => EXIT_USAGE,
+                    | StartError::Tls(_)
+                    | StartError::People(_) => EXIT_USAGE,
                 });
             }
         };
@@ -289,6 +291,44 @@ fn status(path: &Path, json: bool) -> ExitCode {
     };
     println!("{}", badgegate::status::render(&first, &rates));
     ExitCode::SUCCESS
+}
+
+fn zones(path: &Path, zone: Option<&str>, json: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(z) = zone.filter(|z| !config.zones.iter().any(|d| d.name == *z)) {
+        eprintln!("badgegate: zone {z:?} is not declared in [[zones]]");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let doc = match store::open_offline(&config.agent.data_dir, &queue_tools::sinks(&config)) {
+        Ok(s) => badgegate::access::engine::offline_view(&config, &s, zone),
+        // The agent holds the store: ask it over its local API instead.
+        Err(StoreError::Locked { .. }) => {
+            let api = match zone {
+                None => "/v1/zones".to_owned(),
+                Some(z) => format!("/v1/zones/{z}/people"),
+            };
+            get_from_agent(&config, &api)
+                .map_err(|e| format!("the store is locked by a running agent, and {e}"))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match doc {
+        Ok(doc) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!("{}", badgegate::access::view::render(&doc));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("badgegate: {e}");
+            ExitCode::from(EXIT_IO)
+        }
+    }
 }
 
 fn open_queue(sel: &QueueSelection) -> Result<(Access, HashMap<String, String>), ExitCode> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use crate::model::Source;
+use crate::model::{AccessStatus, Source};
 use crate::store::QueueStats;
 
 #[derive(Default)]
@@ -21,6 +21,7 @@ pub struct Metrics {
     pub mqtt: SinkMetrics,
     pub protime: SinkMetrics,
     pub protime_dead_letters: AtomicU64,
+    pub access: AccessMetrics,
     /// One entry per device-link terminal, fixed at start.
     pub terminals: BTreeMap<String, Arc<TerminalHealth>>,
     /// One entry per configured cloud source (`crosschex`, `aktion`, `protime` for the mirror),
@@ -139,6 +140,27 @@ impl TerminalHealth {
     }
 }
 
+/// What the access engine counts.
+#[derive(Default)]
+pub struct AccessMetrics {
+    /// Statuses the engine decided, by [`AccessStatus::index`](crate::model::AccessStatus::index).
+    pub decisions: [AtomicU64; 7],
+    /// Mirrored cloud clockings compared with the local decision for the same clocking.
+    pub mirror_agree: AtomicU64,
+    pub mirror_mismatch: AtomicU64,
+    /// Mirrored clockings with no local decision to compare with.
+    pub mirror_unmatched: AtomicU64,
+    /// `POST /v1/access/check` and MQTT access checks answered.
+    pub checks: AtomicU64,
+    /// Presence transitions received from the other gateways of the site, and how many were newer.
+    pub sync_received: AtomicU64,
+    pub sync_applied: AtomicU64,
+    /// UnknownBadge clockings re-published with the person their badge gained.
+    pub republished: AtomicU64,
+    /// The access engine's MQTT connection is up and subscribed.
+    pub mqtt_connected: AtomicBool,
+}
+
 /// What one sink reports about its uplink.
 #[derive(Default)]
 pub struct SinkMetrics {
@@ -208,8 +230,13 @@ impl Metrics {
         self.received[source_index(s)].fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition (version 0.0.4).
-    pub fn render(&self, stats: Option<&QueueStats>, store_ok: bool) -> String {
+    /// Prometheus text exposition (version 0.0.4). `zones`: the occupancy of each zone.
+    pub fn render(
+        &self,
+        stats: Option<&QueueStats>,
+        store_ok: bool,
+        zones: &[(String, usize)],
+    ) -> String {
         let mut out = String::new();
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -323,6 +350,68 @@ impl Metrics {
                 f64::from(u8::from(self.protime.connected.load(Ordering::Relaxed))),
             )],
         );
+        let a = &self.access;
+        let decisions: Vec<(String, f64)> = AccessStatus::ALL
+            .iter()
+            .map(|s| {
+                (
+                    format!("{{status=\"{}\"}}", s.as_str()),
+                    r(&a.decisions[s.index()]) as f64,
+                )
+            })
+            .collect();
+        metric(
+            "badgegate_access_decisions_total",
+            "counter",
+            "Statuses decided by the local access engine.",
+            &decisions,
+        );
+        metric(
+            "badgegate_access_mirror_total",
+            "counter",
+            "Mirrored cloud clockings compared with the local decision: agree, mismatch, or unmatched (no local decision).",
+            &[
+                ("{result=\"agree\"}".into(), r(&a.mirror_agree) as f64),
+                ("{result=\"mismatch\"}".into(), r(&a.mirror_mismatch) as f64),
+                ("{result=\"unmatched\"}".into(), r(&a.mirror_unmatched) as f64),
+            ],
+        );
+        metric(
+            "badgegate_access_checks_total",
+            "counter",
+            "Access checks answered (HTTP and MQTT).",
+            &[(String::new(), r(&a.checks) as f64)],
+        );
+        metric(
+            "badgegate_presence_sync_received_total",
+            "counter",
+            "Presence transitions received from the other gateways of the site.",
+            &[(String::new(), r(&a.sync_received) as f64)],
+        );
+        metric(
+            "badgegate_presence_sync_applied_total",
+            "counter",
+            "Received presence transitions that were newer than the presence held.",
+            &[(String::new(), r(&a.sync_applied) as f64)],
+        );
+        metric(
+            "badgegate_unknown_badge_republished_total",
+            "counter",
+            "UnknownBadge clockings re-published with the person their badge gained.",
+            &[(String::new(), r(&a.republished) as f64)],
+        );
+        if !zones.is_empty() {
+            let samples: Vec<(String, f64)> = zones
+                .iter()
+                .map(|(z, n)| (format!("{{zone=\"{z}\"}}"), *n as f64))
+                .collect();
+            metric(
+                "badgegate_zone_occupancy",
+                "gauge",
+                "Persons in the zone (presence not expired).",
+                &samples,
+            );
+        }
         if !self.terminals.is_empty() {
             let per = |f: &dyn Fn(&TerminalHealth) -> f64| -> Vec<(String, f64)> {
                 self.terminals

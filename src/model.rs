@@ -56,6 +56,21 @@ pub enum AccessStatus {
 }
 
 impl AccessStatus {
+    pub const ALL: [AccessStatus; 7] = [
+        AccessStatus::AccessOk,
+        AccessStatus::AccessRefused,
+        AccessStatus::WrongPinCode,
+        AccessStatus::AlarmCode,
+        AccessStatus::AntiPassbackError,
+        AccessStatus::OutZone,
+        AccessStatus::UnknownBadge,
+    ];
+
+    /// The position in [`AccessStatus::ALL`] (for per-status counters).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AccessStatus::AccessOk => "AccessOk",

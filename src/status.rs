@@ -136,6 +136,17 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
             }
         }
     }
+    if let Some(zones) = h["zones"].as_object() {
+        let mut line = String::from("zones     ");
+        for (zone, n) in zones {
+            let item = format!(" {zone} {}", n.as_u64().unwrap_or(0));
+            if line.chars().count() + item.chars().count() > 80 {
+                out.push(std::mem::replace(&mut line, " ".repeat(10)));
+            }
+            line.push_str(&item);
+        }
+        out.push(line);
+    }
     out.push(format!(
         "dead       {}",
         h["dead_letters"].as_u64().map_or_else(
@@ -204,7 +215,8 @@ mod tests {
             "sources": {
                 "aktion": {"up": true, "last_success_at": "2026-11-22T08:10:03.123+00:00", "clockings": 12, "people": 340, "shifts": 1200},
                 "crosschex": {"up": false, "last_success_at": null, "clockings": 0, "people": 0, "shifts": 0, "last_error": "CrossChex Cloud attendance.record/getrecord: rate limited: HTTP 200 FREQUENT_REQUEST: too frequent"}
-            }
+            },
+            "zones": {"production": 412, "warehouse-with-a-long-name": 12, "lab": 3, "canteen": 40, "office-building-b": 17, "yard": 0}
         });
         let text = render(&h, &[("mqtt".into(), 12.5)]);
         for line in text.lines() {
@@ -228,6 +240,8 @@ mod tests {
             "FAIL",
             "getrecord: rate limited",
             "dead",
+            "production 412",
+            "yard 0",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }

@@ -41,6 +41,10 @@ fn load_json(rel: &str) -> Value {
 struct Schemas {
     clocking: jsonschema::Validator,
     status: jsonschema::Validator,
+    occupancy: jsonschema::Validator,
+    presence: jsonschema::Validator,
+    reply: jsonschema::Validator,
+    mismatch: jsonschema::Validator,
 }
 
 impl Schemas {
@@ -62,6 +66,10 @@ impl Schemas {
         Schemas {
             clocking: compile("docs/schema/clocking.schema.json"),
             status: compile("docs/schema/status.schema.json"),
+            occupancy: compile("docs/schema/occupancy.schema.json"),
+            presence: compile("docs/schema/presence.schema.json"),
+            reply: compile("docs/schema/access-reply.schema.json"),
+            mismatch: compile("docs/schema/access-mismatch.schema.json"),
         }
     }
 
@@ -113,6 +121,91 @@ impl Schemas {
         assert_eq!(v["id"], id.to_string(), "id derivation as documented: {v}");
         DateTime::parse_from_rfc3339(v["received_at"].as_str().unwrap()).unwrap();
         v
+    }
+
+    /// A JSON payload valid against `validator` (named `what` in failures).
+    fn check_json(validator: &jsonschema::Validator, what: &str, payload: &[u8]) -> Value {
+        let v: Value = serde_json::from_slice(payload).unwrap_or_else(|e| {
+            panic!(
+                "{what} is not JSON ({e}): {}",
+                String::from_utf8_lossy(payload)
+            )
+        });
+        let errors = Self::errors(validator, &v);
+        assert!(
+            errors.is_empty(),
+            "emitted {what} violates its schema: {errors:?}\n{v}"
+        );
+        v
+    }
+
+    /// An occupancy payload: valid, consistent with its topic, count = people.
+    fn check_occupancy(&self, topic: &str, payload: &[u8]) -> Value {
+        let v = Self::check_json(&self.occupancy, "occupancy", payload);
+        let zone = v["zone"].as_str().unwrap();
+        assert_eq!(topic, format!("{PREFIX}/{SITE}/zones/{zone}/occupancy"));
+        assert_eq!(v["count"], v["people"].as_array().unwrap().len());
+        v
+    }
+
+    /// A presence transition: valid, on its gateway's and subject's topic.
+    fn check_presence(&self, topic: &str, payload: &[u8]) -> Value {
+        let v = Self::check_json(&self.presence, "presence transition", payload);
+        let subject = match v["person"].as_str() {
+            Some(p) => format!("p:{p}"),
+            None => format!("b:{}", v["badge"].as_str().unwrap()),
+        };
+        assert_eq!(
+            topic,
+            format!(
+                "{PREFIX}/{SITE}/presence/{}/{}",
+                badgegate::access::mqtt::topic_level(v["gateway"].as_str().unwrap()),
+                badgegate::access::mqtt::topic_level(&subject)
+            )
+        );
+        v
+    }
+
+    /// Schemas that accept everything prove nothing: each must reject broken variants.
+    fn assert_rejects(
+        validator: &jsonschema::Validator,
+        what: &str,
+        valid: &Value,
+        mutations: &[(&str, Value)],
+    ) {
+        assert!(
+            validator.is_valid(valid),
+            "the base {what} is valid: {valid}"
+        );
+        for field in valid.as_object().unwrap().keys() {
+            let mut v = valid.clone();
+            v.as_object_mut().unwrap().remove(field);
+            assert!(
+                !validator.is_valid(&v),
+                "{what} schema accepts it without {field}"
+            );
+        }
+        let mut v = valid.clone();
+        v["extra"] = json!(1);
+        assert!(
+            !validator.is_valid(&v),
+            "{what} schema accepts an unknown field"
+        );
+        for (field, value) in mutations {
+            let mut v = valid.clone();
+            let mut target = &mut v;
+            for part in field.split('.') {
+                target = match part.parse::<usize>() {
+                    Ok(i) => &mut target[i],
+                    Err(_) => &mut target[part],
+                };
+            }
+            *target = value.clone();
+            assert!(
+                !validator.is_valid(&v),
+                "{what} schema accepts {field} = {value}"
+            );
+        }
     }
 
     /// A status payload: raw text, not a JSON document, and one of the schema's values.
@@ -291,6 +384,8 @@ struct Seen {
     order: Vec<String>,
     statuses: Vec<String>,
     redeliveries: usize,
+    occupancy: Vec<Value>,
+    presence: Vec<Value>,
 }
 
 impl Seen {
@@ -300,6 +395,14 @@ impl Seen {
         let clockings = format!("{PREFIX}/{SITE}/clockings/");
         if m.topic == status_topic {
             self.statuses.push(schemas.check_status(&m.payload));
+        } else if m.topic.starts_with(&format!("{PREFIX}/{SITE}/zones/")) {
+            self.occupancy
+                .push(schemas.check_occupancy(&m.topic, &m.payload));
+        } else if m.topic.starts_with(&format!("{PREFIX}/{SITE}/presence/")) {
+            self.presence
+                .push(schemas.check_presence(&m.topic, &m.payload));
+        } else if m.topic == format!("{PREFIX}/{SITE}/access/check") {
+            // Requests (the test's own) are not the agent's payloads.
         } else if m.topic.starts_with(&clockings) {
             let v = schemas.check_clocking(&m.topic, &m.payload);
             let id = v["id"].as_str().unwrap().to_owned();
@@ -586,6 +689,245 @@ backfill_interval_secs = 2
     }
 }
 
+/// The access engine's payloads: occupancy, presence transitions (also one from another
+/// gateway, written by the test from the schema, which the agent must apply), access check
+/// replies, mismatch events; and the HTTP access answers and muster list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_payloads_match_the_documented_schemas() {
+    let schemas = Schemas::load();
+    let mosquitto = Mosquitto::start();
+    let mut sub = RawSubscriber::start(mosquitto.addr(), &format!("{PREFIX}/{SITE}/#")).await;
+    let mut replies = RawSubscriber::start(mosquitto.addr(), "plc/replies").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("people.csv"),
+        "badge,person,groups\n4711,E-4711,staff\n",
+    )
+    .unwrap();
+    let extra = r#"
+[[terminals]]
+id = "door"
+kind = "http"
+zone_from = "outside"
+zone_to = "hall"
+
+[access]
+antipassback = "hard"
+people_file = "people.csv"
+site_sync = true
+occupancy_interval_ms = 100
+
+[[zones]]
+name = "hall"
+exit_status = "OutZone"
+"#;
+    let agent = AgentProc::start_named(dir.path(), &mosquitto.url(), "gw-schema", "", extra);
+    let api = Api::new();
+    api.wait_access_connected(&agent, WAIT).await;
+
+    // Another gateway's transition, written as docs/mqtt.md and presence.schema.json say.
+    let foreign = json!({
+        "gateway": "gw-other", "person": "E-5", "badge": "5", "zone": "hall", "from": "outside",
+        "occurred_at": "2026-05-04T07:30:00+02:00", "terminal": "door-east",
+        "clocking_id": "0123456789abcdef0123456789abcdef"
+    });
+    assert!(schemas.presence.is_valid(&foreign));
+    let mut opts = MqttOptions::new("schema-plc", "127.0.0.1", mosquitto.port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+        .publish(
+            format!("{PREFIX}/{SITE}/presence/gw-other/p%3AE-5"),
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&foreign).unwrap(),
+        )
+        .await
+        .unwrap();
+    for (badge, at) in [
+        ("4711", "2026-05-04T08:00:00+02:00"),
+        ("4711", "2026-05-04T08:01:00+02:00"),
+        ("9999", "2026-05-04T08:02:00+02:00"),
+    ] {
+        let (code, body) = api.post(&agent, &clocking("door", badge, at, "in")).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let check = format!("{PREFIX}/{SITE}/access/check");
+    for req in [
+        json!({"terminal": "door", "badge": "4711", "reply_to": "plc/replies", "correlation_id": "r-1"}),
+        json!({"terminal": "door", "badge": "", "reply_to": "plc/replies", "correlation_id": 2}),
+    ] {
+        client
+            .publish(
+                &check,
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&req).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    let mut seen = Seen::default();
+    let done = |seen: &Seen| {
+        seen.occupancy.iter().any(|o| o["count"] == 2)
+            && seen.presence.iter().any(|p| p["person"] == "E-4711")
+            && seen.clockings.len() == 3
+    };
+    while !done(&seen) {
+        let m = sub
+            .next("occupancy 2, E-4711's transition and 3 clockings")
+            .await;
+        seen.take(&schemas, m);
+    }
+    let occupancy = seen
+        .occupancy
+        .iter()
+        .find(|o| o["count"] == 2)
+        .unwrap()
+        .clone();
+    let people: Vec<&str> = occupancy["people"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["person"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        people,
+        ["E-5", "E-4711"],
+        "the other gateway's person is applied"
+    );
+    let transition = seen
+        .presence
+        .iter()
+        .find(|p| p["person"] == "E-4711")
+        .unwrap()
+        .clone();
+    assert_eq!(transition["gateway"], "gw-schema");
+    assert_eq!(transition["zone"], "hall");
+
+    let answer = Schemas::check_json(
+        &schemas.reply,
+        "access reply",
+        &replies.next("a reply").await.payload,
+    );
+    assert_eq!(
+        (answer["correlation_id"].as_str(), answer["status"].as_str()),
+        (Some("r-1"), Some("OutZone")),
+        "{answer}"
+    );
+    let error = Schemas::check_json(
+        &schemas.reply,
+        "access error reply",
+        &replies.next("an error reply").await.payload,
+    );
+    assert_eq!(error["error"]["code"], "invalid_badge");
+
+    // Retained: a late subscriber gets occupancy and transitions at once.
+    let mut late = RawSubscriber::start(
+        mosquitto.addr(),
+        &format!("{PREFIX}/{SITE}/zones/hall/occupancy"),
+    )
+    .await;
+    let m = late.next("the retained occupancy").await;
+    assert!(m.retain);
+    schemas.check_occupancy(&m.topic, &m.payload);
+
+    // The HTTP forms.
+    let (_, muster) = api.get_json(&agent, "/v1/zones/hall/people").await;
+    schemas.check_occupancy(
+        &format!("{PREFIX}/{SITE}/zones/hall/occupancy"),
+        muster.to_string().as_bytes(),
+    );
+    let (_, mut http_answer) = api
+        .post_to(
+            &agent,
+            "/v1/access/check",
+            &json!({"terminal": "door", "badge": "9999"}),
+        )
+        .await;
+    http_answer["correlation_id"] = Value::Null;
+    let http_answer = Schemas::check_json(
+        &schemas.reply,
+        "HTTP access answer",
+        http_answer.to_string().as_bytes(),
+    );
+    assert_eq!(http_answer["status"], "UnknownBadge");
+
+    // A mismatch event as the engine renders it.
+    let mismatch = badgegate::access::engine::Mismatch {
+        terminal: "door".into(),
+        badge: "4711".into(),
+        person: Some("E-4711".into()),
+        occurred_at: DateTime::parse_from_rfc3339("2026-05-04T08:01:00+02:00").unwrap(),
+        source: badgegate::model::Source::Protime,
+        local_status: badgegate::model::AccessStatus::AntiPassbackError,
+        cloud_status: badgegate::model::AccessStatus::AccessOk,
+        local_id: ClockingId([1; 16]),
+        cloud_id: ClockingId([2; 16]),
+    }
+    .to_json();
+    Schemas::check_json(
+        &schemas.mismatch,
+        "mismatch",
+        mismatch.to_string().as_bytes(),
+    );
+
+    // None of the schemas is vacuous.
+    Schemas::assert_rejects(
+        &schemas.occupancy,
+        "occupancy",
+        &occupancy,
+        &[
+            ("count", json!(-1)),
+            ("count", json!("2")),
+            ("zone", json!("a/b")),
+            ("people.0.since", json!("2026-05-04T08:00:00Z")),
+            ("people.0.badge", json!("")),
+            ("updated_at", json!("2026-05-04T08:00:00+02:00")),
+        ],
+    );
+    Schemas::assert_rejects(
+        &schemas.presence,
+        "presence",
+        &transition,
+        &[
+            ("clocking_id", json!("XYZ")),
+            ("occurred_at", json!("yesterday")),
+            ("person", json!("")),
+            ("gateway", json!("")),
+        ],
+    );
+    Schemas::assert_rejects(
+        &schemas.reply,
+        "access reply",
+        &answer,
+        &[
+            ("status", json!("Maybe")),
+            ("reason_code", json!("because")),
+            ("direction", json!("up")),
+        ],
+    );
+    Schemas::assert_rejects(
+        &schemas.reply,
+        "access error reply",
+        &error,
+        &[("error.code", json!("oops")), ("error.message", json!(""))],
+    );
+    Schemas::assert_rejects(
+        &schemas.mismatch,
+        "mismatch",
+        &mismatch,
+        &[
+            ("source", json!("http")),
+            ("cloud_status", json!("UnknownBadgeNumber")),
+            ("local_clocking_id", json!("1")),
+        ],
+    );
+    poller.abort();
+}
+
 /// The example payloads in docs/mqtt.md (every ```json block) are valid clockings, consistent
 /// with themselves, and broken variants of them are rejected.
 #[test]
@@ -598,19 +940,52 @@ fn documented_examples_match_the_schema() {
         .map(|s| s.split("```").next().unwrap())
         .collect();
     assert!(examples.len() >= 2, "docs/mqtt.md shows example payloads");
+    let mut kinds = HashSet::new();
     for text in examples {
         let v: Value = serde_json::from_str(text)
             .unwrap_or_else(|e| panic!("example is not JSON ({e}):\n{text}"));
-        let topic = format!(
-            "{PREFIX}/{SITE}/clockings/{}",
-            v["terminal"].as_str().unwrap_or_default()
-        );
-        schemas.check_clocking(&topic, text.as_bytes());
-        schemas.assert_rejects_broken(&v);
+        // Each example is checked against the schema of its payload kind.
+        let kind = if v.get("people").is_some() {
+            schemas.check_occupancy(
+                &format!(
+                    "{PREFIX}/{SITE}/zones/{}/occupancy",
+                    v["zone"].as_str().unwrap_or_default()
+                ),
+                text.as_bytes(),
+            );
+            "occupancy"
+        } else if v.get("gateway").is_some() {
+            Schemas::check_json(&schemas.presence, "presence example", text.as_bytes());
+            "presence"
+        } else if v.get("cloud_status").is_some() {
+            Schemas::check_json(&schemas.mismatch, "mismatch example", text.as_bytes());
+            "mismatch"
+        } else if v.get("reply_to").is_some() {
+            // A request: what the agent accepts, not what it emits.
+            assert!(v["terminal"].is_string() && v["badge"].is_string(), "{v}");
+            "request"
+        } else if v.get("correlation_id").is_some() {
+            Schemas::check_json(&schemas.reply, "access reply example", text.as_bytes());
+            "reply"
+        } else {
+            let topic = format!(
+                "{PREFIX}/{SITE}/clockings/{}",
+                v["terminal"].as_str().unwrap_or_default()
+            );
+            schemas.check_clocking(&topic, text.as_bytes());
+            schemas.assert_rejects_broken(&v);
+            "clocking"
+        };
+        kinds.insert(kind);
     }
+    assert_eq!(kinds.len(), 6, "an example of every payload: {kinds:?}");
     for topic in [
         "`{topic_prefix}/{site}/clockings/{terminal}`",
         "`{topic_prefix}/{site}/status`",
+        "`{topic_prefix}/{site}/zones/{zone}/occupancy`",
+        "`{topic_prefix}/{site}/access/check`",
+        "`{topic_prefix}/{site}/access/mismatch`",
+        "`{topic_prefix}/{site}/presence/{gateway}/{subject}`",
     ] {
         assert!(doc.contains(topic), "docs/mqtt.md documents {topic}");
     }

@@ -52,6 +52,7 @@ fn demo_config(
         crate::fakes::protime::DEFAULT_CLIENT_SECRET,
     )
     .context("writing the demo's Protime secret")?;
+    write_people(data_dir)?;
     let text = format!(
         r#"
 [agent]
@@ -68,8 +69,16 @@ client_id = "badgegate-demo"
 reconnect_min_ms = 200
 reconnect_max_ms = 1000
 
+# The local access engine: hard anti-passback into production, with the badge map of
+# people.csv (badge 1399 is in nobody's hands: UnknownBadge).
+[access]
+antipassback = "hard"
+people_file = "people.csv"
+occupancy_interval_ms = 250
+
 [[zones]]
 name = "production"
+exit_status = "OutZone"
 
 # A TC-B terminal the agent connects to.
 [[terminals]]
@@ -88,6 +97,8 @@ id = "gate-south"
 kind = "anviz"
 listen = "{south_listen}"
 device_id = 2
+zone_from = "outside"
+zone_to = "production"
 keepalive_secs = 2
 backfill_interval_secs = 2
 
@@ -95,6 +106,13 @@ backfill_interval_secs = 2
 [[terminals]]
 id = "kiosk"
 kind = "http"
+
+# A turnstile into production that asks and pushes over HTTP.
+[[terminals]]
+id = "turnstile"
+kind = "http"
+zone_from = "outside"
+zone_to = "production"
 
 # Every clocking also goes to (a faithful fake of) Protime.
 [sinks.protime]
@@ -115,12 +133,29 @@ mirror_interval_secs = 1
     Config::parse(&text, data_dir).map_err(|e| anyhow::anyhow!("demo config: {e}"))
 }
 
+/// The demo's badge map: the workers of the TC-B terminals and the kiosk's visitors. Badge 1399
+/// is left out on purpose (its clockings are UnknownBadge, and Protime rejects them too).
+fn write_people(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut csv = String::from("badge,person,groups\n");
+    for badge in 1000..1399 {
+        csv.push_str(&format!("{badge},W-{badge},production\n"));
+    }
+    for badge in 5000..5050 {
+        csv.push_str(&format!("{badge},V-{badge},visitors\n"));
+    }
+    std::fs::write(dir.join("people.csv"), csv).context("writing the demo's people.csv")
+}
+
 /// What the subscriber saw.
 #[derive(Default)]
 struct Arrivals {
     ids: Mutex<HashSet<String>>,
     redelivered: AtomicU64,
     bad_payloads: AtomicU64,
+    /// First deliveries by status.
+    statuses: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The last retained occupancy of production seen on MQTT.
+    occupancy: Mutex<Option<u64>>,
 }
 
 pub async fn run(duration: Duration) -> anyhow::Result<()> {
@@ -188,6 +223,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     );
 
     let generated = Arc::new(AtomicU64::new(0));
+    access_scene(api, &generated).await?;
     let reposted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -258,14 +294,21 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         let on_devices = north.new_count() + south.new_count();
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
+            let inside: usize = agent
+                .access()
+                .zone_counts(Utc::now())
+                .iter()
+                .map(|(_, n)| n)
+                .sum();
             println!(
-                "  t={:>3}s  generated {:>5}  on terminals {:>4}  stored {:>5}  delivered {:>5}  backlog {:>5}  uplink {}",
+                "  t={:>3}s  generated {:>5}  on terminals {:>4}  stored {:>5}  delivered {:>5}  backlog {:>5}  inside {:>3}  uplink {}",
                 elapsed.as_secs(),
                 generated.load(Ordering::Relaxed),
                 on_devices,
                 stored,
                 delivered,
                 backlog,
+                inside,
                 if uplink.is_up() { "up" } else { "DOWN" }
             );
         }
@@ -298,6 +341,11 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     let mirrored = pulled[2];
     let from_clouds = clouds.generated.clone();
     let in_protime = protime.control().clockings().len();
+    let inside_at_end = agent
+        .access()
+        .zone_counts(Utc::now())
+        .first()
+        .map_or(0, |(_, n)| *n as u64);
     let dead_letters = {
         let store = agent.store().clone();
         tokio::task::spawn_blocking(move || store.stats())
@@ -361,6 +409,24 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
         "  │ unacknowledged on the terminals       {:>16} │",
         device_backlog
     );
+    println!("  ├─ access engine (statuses as delivered on MQTT) ─────────┤");
+    let statuses = arrivals
+        .statuses
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    for (status, n) in &statuses {
+        println!("  │ {status:<37} {n:>16} │");
+    }
+    let retained = arrivals.occupancy.lock().ok().and_then(|o| *o);
+    println!(
+        "  │ in production now (agent API)         {:>16} │",
+        inside_at_end
+    );
+    println!(
+        "  │ in production (retained MQTT topic)   {:>16} │",
+        retained.map_or_else(|| "-".to_owned(), |n| n.to_string())
+    );
     println!("  └─────────────────────────────────────────────────────────┘");
     if bad > 0 {
         bail!("{bad} payloads did not match the contract");
@@ -374,6 +440,11 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
     }
     if !from_clouds.pulled_by(pulled) {
         bail!("not everything the clouds generated was pulled: {pulled:?}");
+    }
+    for wanted in ["AntiPassbackError", "UnknownBadge"] {
+        if !statuses.contains_key(wanted) {
+            bail!("the access engine produced no {wanted}");
+        }
     }
     if delivered != stored || drained_in.is_none() {
         bail!(
@@ -395,6 +466,56 @@ fn print_sources(g: &clouds::Generated, [crosschex, aktion, protime]: [u64; 3]) 
         let counts = format!("{pulled} of {}", generated.load(Ordering::Relaxed));
         println!("  │ {label:<38}{counts:>16} │");
     }
+}
+
+/// The access engine at the turnstile, with no cloud: an access check, a passage, the same badge
+/// again (anti-passback), and a badge nobody holds.
+async fn access_scene(api: SocketAddr, generated: &AtomicU64) -> anyhow::Result<()> {
+    let call = |path: &'static str, body: serde_json::Value| async move {
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let (code, text) =
+            localhttp::request(api, "POST", path, Some(&bytes), Duration::from_secs(5))
+                .await
+                .with_context(|| format!("POST {path}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if !(200..300).contains(&code) {
+            bail!("POST {path} answered {code}: {text}");
+        }
+        Ok::<_, anyhow::Error>(v)
+    };
+    let now = Utc::now();
+    let clock = |badge: &str, secs: i64| {
+        serde_json::json!({
+            "terminal": "turnstile",
+            "badge": badge,
+            "occurred_at": (now + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "direction": "in",
+        })
+    };
+    let status = |v: &serde_json::Value| {
+        v["accepted"][0]["status"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let check = call(
+        "/v1/access/check",
+        serde_json::json!({"terminal": "turnstile", "badge": "1001", "direction": "in"}),
+    )
+    .await?;
+    let first = call("/v1/clockings", clock("1001", 0)).await?;
+    let again = call("/v1/clockings", clock("1001", 1)).await?;
+    let unknown = call("/v1/clockings", clock("1399", 2)).await?;
+    generated.fetch_add(3, Ordering::Relaxed);
+    println!(
+        "  access at the turnstile (no cloud needed): may 1001 pass? {} ({}); 1001 passes: {}; 1001 again: {}; badge 1399: {}\n",
+        check["status"].as_str().unwrap_or("?"),
+        check["reason"].as_str().unwrap_or(""),
+        status(&first),
+        status(&again),
+        status(&unknown),
+    );
+    Ok(())
 }
 
 /// Clockings not yet confirmed by (MQTT, Protime).
@@ -432,7 +553,12 @@ fn seed_protime(protime: &FakeProtime) {
             last_name: format!("Worker {badge}"),
         });
     }
-    for (id, code) in [(1, "gate-north"), (2, "gate-south"), (3, "kiosk")] {
+    for (id, code) in [
+        (1, "gate-north"),
+        (2, "gate-south"),
+        (3, "kiosk"),
+        (4, "turnstile"),
+    ] {
         ctl.add_terminal(Terminal {
             id,
             external_code: code.into(),
@@ -541,6 +667,11 @@ async fn subscribe(
         .subscribe(format!("badgegate/{SITE}/clockings/#"), QoS::AtLeastOnce)
         .await
         .context("subscribing")?;
+    let occupancy_topic = format!("badgegate/{SITE}/zones/production/occupancy");
+    client
+        .subscribe(&occupancy_topic, QoS::AtLeastOnce)
+        .await
+        .context("subscribing")?;
     // Wait until the subscription is in place before any clocking flows.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -555,9 +686,27 @@ async fn subscribe(
         let _client = client;
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let id = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == occupancy_topic => {
+                    let count = serde_json::from_slice::<serde_json::Value>(&p.payload)
                         .ok()
+                        .and_then(|v| v["count"].as_u64());
+                    match count {
+                        Some(n) => {
+                            if let Ok(mut o) = arrivals.occupancy.lock() {
+                                *o = Some(n);
+                            }
+                        }
+                        None => {
+                            arrivals.bad_payloads.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let parsed = serde_json::from_slice::<serde_json::Value>(&p.payload).ok();
+                    let status = parsed
+                        .as_ref()
+                        .and_then(|v| v["status"].as_str().map(str::to_owned));
+                    let id = parsed
                         .filter(|v| {
                             [
                                 "id",
@@ -585,6 +734,10 @@ async fn subscribe(
                                 .unwrap_or(false);
                             if !fresh {
                                 arrivals.redelivered.fetch_add(1, Ordering::Relaxed);
+                            } else if let (Some(status), Ok(mut s)) =
+                                (status, arrivals.statuses.lock())
+                            {
+                                *s.entry(status).or_default() += 1;
                             }
                         }
                         None => {

@@ -156,9 +156,7 @@ impl MqttSink {
     }
 
     fn options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(&self.cfg.client_id, &self.cfg.host, self.cfg.port);
-        o.set_keep_alive(Duration::from_secs(u64::from(self.cfg.keep_alive_secs)));
-        o.set_clean_session(true);
+        let mut o = connect_options(&self.cfg, &self.cfg.client_id, self.tls.as_ref());
         // rumqttc wraps packet ids at its inflight limit; leaving it twice our window means a
         // broker that acks out of order cannot make a new publish collide with an unacked one.
         o.set_inflight(self.cfg.inflight.saturating_mul(2).max(2));
@@ -169,16 +167,6 @@ impl MqttSink {
             QoS::AtLeastOnce,
             true,
         ));
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
-        if let (Some(user), Some(pw)) = (&self.cfg.username, &self.cfg.password) {
-            o.set_credentials(user, pw.expose());
-        } else if let Some(user) = &self.cfg.username {
-            o.set_credentials(user, "");
-        }
         o
     }
 
@@ -495,6 +483,29 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, Co
     }
 }
 
+/// A clean-session connection to the configured broker as `client_id`: keep-alive, TLS and
+/// credentials from `[mqtt]` (the sink's and the access engine's connections share them).
+pub(crate) fn connect_options(
+    cfg: &MqttConfig,
+    client_id: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, &cfg.host, cfg.port);
+    o.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_secs)));
+    o.set_clean_session(true);
+    if let Some(tls) = tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    if let (Some(user), Some(pw)) = (&cfg.username, &cfg.password) {
+        o.set_credentials(user, pw.expose());
+    } else if let Some(user) = &cfg.username {
+        o.set_credentials(user, "");
+    }
+    o
+}
+
 /// TLS for `mqtts://`: the CA of `mqtt.ca_file` (else the system's bundle), an optional client
 /// certificate (mTLS), and the broker's name checked against its certificate (rustls always
 /// verifies it; there is deliberately no switch to turn that off).
@@ -538,7 +549,7 @@ pub fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, String> {
     }
 }
 
-fn describe(e: &ConnectionError) -> String {
+pub(crate) fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::Tls(tls) => format!(
             "TLS handshake failed: {tls} (check mqtt.ca_file, the broker's certificate and that mqtt.url names the host in it)"

@@ -18,10 +18,12 @@ use chrono::Utc;
 use redb::{Durability, ReadableTable};
 use tokio::sync::{oneshot, watch};
 
+use super::access::{self as tables, AccessWrite};
 use super::{
     file_len, SinkId, Store, StoreError, IDS, ID_EXPIRY, META, META_NEXT_SEQ, OUTBOX, STATE,
 };
-use crate::model::{Clocking, ClockingId};
+use crate::access::presence::Transition;
+use crate::model::{AccessStatus, Clocking, ClockingId};
 
 /// Housekeeping (forgetting expired ids) runs when the writer has been idle this long.
 const IDLE: Duration = Duration::from_millis(500);
@@ -31,6 +33,8 @@ const COMPACT_MIN_BYTES: u64 = 32 * 1024 * 1024;
 const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Upper bound on clockings in one transaction, to keep commit latency bounded.
 const MAX_BATCH_CLOCKINGS: usize = 20_000;
+/// Local decisions are kept this long for comparing with what a cloud mirror reports.
+const DECISIONS_KEPT_DAYS: i64 = 7;
 
 /// The result of storing one clocking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,11 +42,52 @@ pub struct IngestOutcome {
     pub id: ClockingId,
     /// False when the id was already stored or remembered: nothing new was written.
     pub stored: bool,
+    /// The status it was stored with (None for a duplicate: nothing was decided).
+    pub status: Option<AccessStatus>,
+}
+
+/// What the writer asks of the access engine. The writer serializes everything, so the engine
+/// decides each clocking in arrival order, seeing every earlier decision, and its rows go into
+/// the same transaction as the clocking: a crash never leaves presence and clockings disagreeing.
+pub trait AccessHook: Send + 'static {
+    /// A clocking about to be stored (never a duplicate), in arrival order. With `decide` the
+    /// engine gives it its status; it may fill in the person. Rows to write go to `out` (rows of
+    /// earlier clockings of this batch are still there, the rest are in the tables `reads` sees).
+    fn clocking(
+        &mut self,
+        c: &mut Clocking,
+        decide: bool,
+        reads: &dyn AccessReads,
+        out: &mut Vec<AccessWrite>,
+    );
+    /// Presence transitions of the other gateways of the site; answers how many were newer.
+    fn remote(&mut self, transitions: &[Transition], out: &mut Vec<AccessWrite>) -> u64;
+    /// The batch was committed (true), or nothing of it was written (false): undo.
+    fn finished(&mut self, committed: bool);
+}
+
+/// What the access engine may read inside the writer's transaction.
+pub trait AccessReads {
+    /// The local decisions recorded at `terminal` in the unix minute `minute`: (badge, value).
+    fn decisions_at(&self, terminal: &str, minute: i64) -> Vec<(String, Vec<u8>)>;
+}
+
+struct TxnReads<'a>(&'a redb::WriteTransaction);
+
+impl AccessReads for TxnReads<'_> {
+    fn decisions_at(&self, terminal: &str, minute: i64) -> Vec<(String, Vec<u8>)> {
+        tables::decisions_at(self.0, terminal, minute).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading local decisions failed");
+            Vec::new()
+        })
+    }
 }
 
 pub(crate) enum Op {
     Ingest {
         clockings: Vec<Clocking>,
+        /// Per clocking: the access engine decides its status (else it is the given one).
+        decide: Vec<bool>,
         state: Vec<(String, Vec<u8>)>,
         reply: oneshot::Sender<Result<Vec<IngestOutcome>, StoreError>>,
     },
@@ -74,6 +119,13 @@ pub enum Change {
     /// Put every dead letter of the sink back in its queue (after the config was fixed).
     /// Answers how many.
     Replay { sink: SinkId },
+    /// Rows of the access engine's tables (people, shifts, acknowledged transitions).
+    Access(Vec<AccessWrite>),
+    /// Presence transitions of the other gateways (applied when newer); answers how many were.
+    RemotePresence(Vec<Transition>),
+    /// These badges (badge, person) gained a person: re-publish their UnknownBadge clockings
+    /// with it, to MQTT only (Protime maps badges itself). Answers how many.
+    ResolveBadges(Vec<(String, String)>),
 }
 
 /// A clocking set aside by a sink.
@@ -99,10 +151,22 @@ impl WriterHandle {
         clockings: Vec<Clocking>,
         state: Vec<(String, Vec<u8>)>,
     ) -> Result<Vec<IngestOutcome>, StoreError> {
+        self.ingest_deciding(clockings, Vec::new(), state).await
+    }
+
+    /// [`ingest`](Self::ingest), where the access engine decides the status of each clocking
+    /// whose `decide` flag is set (in the writer, in arrival order).
+    pub async fn ingest_deciding(
+        &self,
+        clockings: Vec<Clocking>,
+        decide: Vec<bool>,
+        state: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Ingest {
                 clockings,
+                decide,
                 state,
                 reply,
             })
@@ -176,6 +240,16 @@ impl Writer {
         dedupe_days: u32,
         max_bytes: Option<u64>,
     ) -> (Writer, WriterHandle) {
+        Writer::start_with_access(store, dedupe_days, max_bytes, None)
+    }
+
+    /// A writer that has the access engine decide and record presence with every commit.
+    pub fn start_with_access(
+        store: Arc<Store>,
+        dedupe_days: u32,
+        max_bytes: Option<u64>,
+        access: Option<Box<dyn AccessHook>>,
+    ) -> (Writer, WriterHandle) {
         let (tx, rx) = mpsc::channel();
         let next = read_next_seq(&store).unwrap_or(0);
         let (committed_tx, committed) = watch::channel(next.saturating_sub(1));
@@ -190,6 +264,7 @@ impl Writer {
             committed: committed_tx,
             last_prune: Instant::now(),
             last_compact_check: Instant::now(),
+            access,
         };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -235,6 +310,7 @@ struct WriterState {
     committed: watch::Sender<u64>,
     last_prune: Instant,
     last_compact_check: Instant,
+    access: Option<Box<dyn AccessHook>>,
 }
 
 impl WriterState {
@@ -288,7 +364,11 @@ impl WriterState {
 
     fn commit_batch(&mut self, ops: Vec<Op>) {
         let seq_before = self.next_seq;
-        let result = self.write(&ops);
+        let mut ops = ops;
+        let result = self.write(&mut ops);
+        if let Some(hook) = self.access.as_mut() {
+            hook.finished(result.is_ok());
+        }
         if let Ok(mut g) = self.last_error.lock() {
             *g = result.as_ref().err().map(|e| e.to_string());
         }
@@ -341,7 +421,7 @@ impl WriterState {
     /// One transaction for the whole batch. Returns the outcomes of each ingest op and the count
     /// of each change op, in order.
     #[allow(clippy::type_complexity)]
-    fn write(&mut self, ops: &[Op]) -> Result<(Vec<Vec<IngestOutcome>>, Vec<u64>), StoreError> {
+    fn write(&mut self, ops: &mut [Op]) -> Result<(Vec<Vec<IngestOutcome>>, Vec<u64>), StoreError> {
         let new_clockings: usize = ops.iter().map(op_clockings).sum();
         if new_clockings > 0 {
             self.check_space(new_clockings)?;
@@ -353,6 +433,7 @@ impl WriterState {
         let sinks = self.store.sinks().to_vec();
         let mut results = Vec::new();
         let mut counts = Vec::new();
+        let mut access_rows: Vec<AccessWrite> = Vec::new();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -369,19 +450,27 @@ impl WriterState {
                 .collect::<Result<_, _>>()
                 .map_err(StoreError::from_redb)?;
             let expires = (Utc::now().timestamp().max(0) as u64) + self.dedupe_secs;
-            for op in ops {
+            for op in ops.iter_mut() {
                 match op {
                     Op::Ingest {
-                        clockings, state, ..
+                        clockings,
+                        decide,
+                        state,
+                        ..
                     } => {
                         let mut outcomes = Vec::with_capacity(clockings.len());
-                        for c in clockings {
+                        for (i, c) in clockings.iter_mut().enumerate() {
                             if ids.get(c.id.0).map_err(StoreError::from_redb)?.is_some() {
                                 outcomes.push(IngestOutcome {
                                     id: c.id,
                                     stored: false,
+                                    status: None,
                                 });
                                 continue;
+                            }
+                            if let Some(hook) = self.access.as_mut() {
+                                let d = decide.get(i).copied().unwrap_or(false);
+                                hook.clocking(c, d, &TxnReads(&txn), &mut access_rows);
                             }
                             let seq = self.next_seq;
                             self.next_seq += 1;
@@ -391,7 +480,7 @@ impl WriterState {
                                 .filter(|&i| sinks[i].takes(c.source))
                                 .collect();
                             if !takers.is_empty() {
-                                let bytes = postcard::to_allocvec(c).map_err(|e| {
+                                let bytes = postcard::to_allocvec(&*c).map_err(|e| {
                                     StoreError::Io(format!("encoding clocking: {e}"))
                                 })?;
                                 outbox
@@ -408,6 +497,7 @@ impl WriterState {
                             outcomes.push(IngestOutcome {
                                 id: c.id,
                                 stored: true,
+                                status: Some(c.status),
                             });
                         }
                         for (k, v) in state {
@@ -435,7 +525,7 @@ impl WriterState {
                             }
                             continue;
                         }
-                        for &seq in seqs {
+                        for &seq in seqs.iter() {
                             pending[idx].remove(seq).map_err(StoreError::from_redb)?;
                             if !still_needed(&pending, &dead, seq)? {
                                 outbox.remove(seq).map_err(StoreError::from_redb)?;
@@ -493,6 +583,43 @@ impl WriterState {
                                 }
                                 seqs.len() as u64
                             }
+                            Change::Access(rows) => {
+                                access_rows.append(rows);
+                                0
+                            }
+                            Change::RemotePresence(transitions) => match self.access.as_mut() {
+                                Some(hook) => hook.remote(transitions, &mut access_rows),
+                                None => 0,
+                            },
+                            Change::ResolveBadges(badges) => {
+                                // The UnknownBadge rows of this batch must be in the table first.
+                                tables::apply(&txn, &std::mem::take(&mut access_rows))?;
+                                let mqtt = sinks.iter().position(|s| *s == SinkId::Mqtt);
+                                let mut n = 0;
+                                for (badge, person) in badges.iter() {
+                                    for bytes in tables::take_unknown(&txn, badge)? {
+                                        let Some(idx) = mqtt else { continue };
+                                        let Ok(mut c) = postcard::from_bytes::<Clocking>(&bytes)
+                                        else {
+                                            continue;
+                                        };
+                                        c.person = Some(person.clone());
+                                        let seq = self.next_seq;
+                                        self.next_seq += 1;
+                                        let bytes = postcard::to_allocvec(&c).map_err(|e| {
+                                            StoreError::Io(format!("encoding clocking: {e}"))
+                                        })?;
+                                        outbox
+                                            .insert(seq, bytes.as_slice())
+                                            .map_err(StoreError::from_redb)?;
+                                        pending[idx]
+                                            .insert(seq, ())
+                                            .map_err(StoreError::from_redb)?;
+                                        n += 1;
+                                    }
+                                }
+                                n
+                            }
                         };
                         counts.push(count);
                     }
@@ -502,6 +629,7 @@ impl WriterState {
             meta.insert(META_NEXT_SEQ, self.next_seq)
                 .map_err(StoreError::from_redb)?;
         }
+        tables::apply(&txn, &access_rows)?;
         txn.commit().map_err(StoreError::from_redb)?;
         if let Some((used, _)) = self.cached_used.as_mut() {
             *used += new_clockings as u64 * 200;
@@ -568,6 +696,12 @@ impl WriterState {
                 expiry.remove((at, id)).map_err(StoreError::from_redb)?;
             }
         }
+        let now_ms = Utc::now().timestamp_millis();
+        tables::prune(
+            &txn,
+            now_ms - DECISIONS_KEPT_DAYS * 86_400_000,
+            now_ms - (self.dedupe_secs as i64) * 1000,
+        )?;
         txn.commit().map_err(StoreError::from_redb)
     }
 }

@@ -187,12 +187,27 @@ impl AgentProc {
     }
 
     pub fn start_with(dir: &Path, mqtt_url: &str, agent_extra: &str, extra: &str) -> AgentProc {
+        AgentProc::start_named(dir, mqtt_url, "badgegate-test", agent_extra, extra)
+    }
+
+    /// Like [`start_with`](Self::start_with), with its own MQTT client id (several agents on one
+    /// broker must not share one).
+    pub fn start_named(
+        dir: &Path,
+        mqtt_url: &str,
+        client_id: &str,
+        agent_extra: &str,
+        extra: &str,
+    ) -> AgentProc {
         let data_dir = dir.join("data");
         let config_path = dir.join("badgegate.toml");
         let port = free_port();
         std::fs::write(
             &config_path,
-            agent_config(&data_dir, port, mqtt_url, agent_extra, extra),
+            agent_config(&data_dir, port, mqtt_url, agent_extra, extra).replace(
+                "client_id = \"badgegate-test\"",
+                &format!("client_id = \"{client_id}\""),
+            ),
         )
         .unwrap();
         let mut a = AgentProc {
@@ -457,6 +472,35 @@ impl Api {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "queue not drained within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// POST a JSON value to any path; returns status and JSON body.
+    pub async fn post_to(&self, agent: &AgentProc, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(agent.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Poll `/healthz` until the access engine's MQTT connection is subscribed.
+    pub async fn wait_access_connected(&self, agent: &AgentProc, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (_, v) = self.get_json(agent, "/healthz").await;
+            if v["mqtt"]["access_connected"] == true {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "access MQTT connection not up within {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
