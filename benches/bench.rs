@@ -495,7 +495,7 @@ async fn main() {
 
         // 1. durable ingest, with the sink forwarding as in normal operation.
         let dir = tempfile::tempdir().unwrap();
-        let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", "");
+        let agent = AgentProc::start_as_deployed(dir.path(), &mosquitto.url());
         let pid = agent_pid(&agent);
         let one = ingest_load(&agent, &format!("u{run}-"), 32, 1, secs).await;
         add("ingest_1_requests_per_s", one.requests_per_s);
@@ -511,7 +511,7 @@ async fn main() {
         // 2. forwarding vs the bare publisher.
         let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let agent = AgentProc::start_with(dir.path(), &format!("mqtt://{}", uplink.addr()), "", "");
+        let agent = AgentProc::start_as_deployed(dir.path(), &format!("mqtt://{}", uplink.addr()));
         let pid = agent_pid(&agent);
         uplink.set_mode(LinkMode::Down);
         preload(&agent, &format!("f{run}-"), forward_n).await;
@@ -527,7 +527,7 @@ async fn main() {
 
         // 3. backlog drain.
         let dir = tempfile::tempdir().unwrap();
-        let agent = AgentProc::start_with(dir.path(), &format!("mqtt://{}", uplink.addr()), "", "");
+        let agent = AgentProc::start_as_deployed(dir.path(), &format!("mqtt://{}", uplink.addr()));
         let pid = agent_pid(&agent);
         uplink.set_mode(LinkMode::Down);
         let t = Instant::now();

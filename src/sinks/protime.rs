@@ -216,7 +216,10 @@ impl ProtimeSink {
             Ordering::Relaxed,
         );
         self.metrics.protime.set_error(Some(e.to_string()));
-        if transient {
+        if e.may_have_landed() {
+            // Not a configuration problem: the next attempt looks the clocking up first.
+            tracing::warn!(id = %c.id, error = %e, "Protime's answer was lost; looking the clocking up before sending it again");
+        } else if transient {
             tracing::warn!(id = %c.id, error = %e, "Protime delivery failed; will retry");
         } else {
             tracing::error!(id = %c.id, error = %e, "Protime delivery failed; check the configuration (will retry)");

@@ -53,6 +53,8 @@ pub(crate) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("sta
 
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// Outbox entries a merge join steps over before it re-seeks instead.
+const MERGE_STEPS: usize = 8;
 
 /// A destination that must confirm every clocking before it may leave the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -402,13 +404,35 @@ impl Store {
         let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::with_capacity(limit.min(1024));
+        // Both tables are keyed by seq and the outbox holds every pending seq, so one cursor pass
+        // over each (a merge join) replaces a descent of the outbox per entry. Entries only other
+        // sinks still need are stepped over; a long run of them costs one re-seek, not a scan.
+        let mut bodies = outbox.range(start..).map_err(StoreError::from_redb)?;
+        let mut body: Option<(u64, redb::AccessGuard<'_, &[u8]>)> = None;
         for entry in pending.range(start..).map_err(StoreError::from_redb)? {
             if out.len() >= limit {
                 break;
             }
             let (seq, _) = entry.map_err(StoreError::from_redb)?;
             let seq = seq.value();
-            let Some(bytes) = outbox.get(seq).map_err(StoreError::from_redb)? else {
+            let mut steps = 0;
+            while body.as_ref().is_none_or(|(k, _)| *k < seq) {
+                if steps == MERGE_STEPS {
+                    bodies = outbox.range(seq..).map_err(StoreError::from_redb)?;
+                }
+                steps += 1;
+                match bodies.next() {
+                    Some(e) => {
+                        let (k, v) = e.map_err(StoreError::from_redb)?;
+                        body = Some((k.value(), v));
+                    }
+                    None => {
+                        body = None;
+                        break;
+                    }
+                }
+            }
+            let Some((_, bytes)) = body.as_ref().filter(|(k, _)| *k == seq) else {
                 // Pending without a body cannot be produced by the writer; skip rather than stall.
                 tracing::error!(seq, sink = sink.as_str(), "pending entry without clocking");
                 continue;

@@ -846,6 +846,54 @@ mod tests {
     }
 
     #[test]
+    fn pending_reads_skip_entries_only_another_sink_still_needs() {
+        // MQTT confirms all but every 25th of 200 clockings; Protime confirms none. Reading
+        // MQTT's pending entries must step over long runs of Protime-only outbox entries.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
+        let (writer, h) = Writer::start(store.clone(), 30, None);
+        rt().block_on(async {
+            let all: Vec<Clocking> = (0..200)
+                .map(|i| clocking(&format!("b{i}"), (i % 60) as u32))
+                .collect();
+            let out = h.ingest(all.clone(), vec![]).await.unwrap();
+            assert!(out.iter().all(|o| o.stored));
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 1000)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            assert_eq!(seqs.len(), 200);
+            let (keep, done): (Vec<_>, Vec<_>) =
+                seqs.iter().enumerate().partition(|(i, _)| i % 25 == 0);
+            h.confirm_and_wait(SinkId::Mqtt, done.iter().map(|(_, s)| **s).collect())
+                .await
+                .unwrap();
+            let want: Vec<_> = keep.iter().map(|(i, s)| (**s, all[*i].id)).collect();
+            let got: Vec<_> = store
+                .pending(SinkId::Mqtt, None, 1000)
+                .unwrap()
+                .into_iter()
+                .map(|(s, c)| (s, c.id))
+                .collect();
+            assert_eq!(got, want);
+            // From a cursor, and with a limit.
+            let after = store.pending(SinkId::Mqtt, Some(want[2].0), 3).unwrap();
+            assert_eq!(
+                after.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+                want[3..6].iter().map(|(s, _)| *s).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                store.pending(SinkId::Protime, None, 1000).unwrap().len(),
+                200
+            );
+        });
+        drop(h);
+        writer.join();
+    }
+
+    #[test]
     fn a_clocking_is_not_queued_for_the_sink_it_came_from() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());

@@ -134,6 +134,8 @@ pub struct AgentProc {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     child: Option<Child>,
+    /// `RUST_LOG` of the agent process.
+    log_filter: &'static str,
 }
 
 /// A test config; `agent_extra` goes into `[agent]`, `extra` at the end.
@@ -215,6 +217,27 @@ impl AgentProc {
             config_path,
             data_dir,
             child: None,
+            log_filter: "badgegate=debug",
+        };
+        a.spawn();
+        a
+    }
+
+    /// The agent as a gateway runs it, for the benchmarks: the default MQTT in-flight window
+    /// (the tests' config shrinks it to 64) and `info` logging instead of the tests' `debug`.
+    pub fn start_as_deployed(dir: &Path, mqtt_url: &str) -> AgentProc {
+        let data_dir = dir.join("data");
+        let config_path = dir.join("badgegate.toml");
+        let port = free_port();
+        let text = agent_config(&data_dir, port, mqtt_url, "", "").replace("inflight = 64\n", "");
+        assert!(!text.contains("inflight"), "the default window must apply");
+        std::fs::write(&config_path, text).unwrap();
+        let mut a = AgentProc {
+            http: SocketAddr::from(([127, 0, 0, 1], port)),
+            config_path,
+            data_dir,
+            child: None,
+            log_filter: "info",
         };
         a.spawn();
         a
@@ -226,7 +249,7 @@ impl AgentProc {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "badgegate=debug")
+            .env("RUST_LOG", self.log_filter)
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
