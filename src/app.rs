@@ -219,13 +219,17 @@ impl Agent {
             writer: writer_handle.clone(),
             metrics: metrics.clone(),
             access: access.clone(),
+            limiter: Arc::new(http::RateLimiter::new(config.http.rate_limit_per_sec)),
         };
         let mut stop = shutdown_rx.clone();
         let http_task = tokio::spawn(async move {
-            let serve =
-                axum::serve(listener, http::router(state)).with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
+            let serve = axum::serve(
+                listener,
+                http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }

@@ -99,6 +99,9 @@ pub struct HttpConfig {
     pub token: Option<Secret>,
     pub max_body_bytes: usize,
     pub max_batch: usize,
+    /// Requests per second allowed from each client on another host (0: no limit). Loopback
+    /// clients are local processes and are not limited.
+    pub rate_limit_per_sec: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -450,6 +453,7 @@ struct RawHttp {
     token_file: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
+    rate_limit_per_sec: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -762,6 +766,7 @@ impl Validator {
             token,
             max_body_bytes,
             max_batch,
+            rate_limit_per_sec: raw.rate_limit_per_sec.unwrap_or(100),
         }
     }
 

@@ -29,6 +29,7 @@ pub struct ApiState {
     pub writer: WriterHandle,
     pub metrics: Arc<Metrics>,
     pub access: AccessEngine,
+    pub limiter: Arc<RateLimiter>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -50,7 +51,88 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit,
+        ))
         .with_state(state)
+}
+
+/// Per-client token buckets for clients on other hosts: `per_sec` requests a second, bursts of
+/// twice that. Loopback clients are local processes and pass unlimited.
+pub struct RateLimiter {
+    per_sec: u32,
+    buckets: std::sync::Mutex<HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+/// Clients remembered at most; idle (full) buckets are forgotten beyond this.
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+
+impl RateLimiter {
+    pub fn new(per_sec: u32) -> RateLimiter {
+        RateLimiter {
+            per_sec,
+            buckets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// None: allowed. Some(secs): refused, retry after that many seconds.
+    pub fn check(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Option<u64> {
+        if self.per_sec == 0 || ip.is_loopback() {
+            return None;
+        }
+        let rate = f64::from(self.per_sec);
+        let burst = rate * 2.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_CLIENTS && !buckets.contains_key(&ip) {
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            None
+        } else {
+            Some(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+async fn rate_limit(
+    State(st): State<ApiState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let Some(ip) = peer else {
+        return next.run(req).await;
+    };
+    match st.limiter.check(ip, std::time::Instant::now()) {
+        None => next.run(req).await,
+        Some(retry) => {
+            st.metrics
+                .http_rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut r = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "more than {} requests/s from {ip} (http.rate_limit_per_sec); retry later",
+                    st.limiter.per_sec
+                ),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(retry));
+            r
+        }
+    }
 }
 
 async fn require_token(
@@ -603,4 +685,37 @@ async fn zone_people(
                 format!("zone {zone:?} is not declared in [[zones]]"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimiter;
+    use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn remote_clients_get_a_burst_then_the_rate_and_loopback_is_never_limited() {
+        let limiter = RateLimiter::new(10);
+        let remote: IpAddr = "192.168.1.20".parse().unwrap();
+        let other: IpAddr = "192.168.1.21".parse().unwrap();
+        let t0 = Instant::now();
+        let allowed = (0..100)
+            .filter(|_| limiter.check(remote, t0).is_none())
+            .count();
+        assert_eq!(allowed, 20, "a burst of twice the rate");
+        assert_eq!(limiter.check(remote, t0), Some(1), "retry after a second");
+        assert!(limiter.check(other, t0).is_none(), "buckets are per client");
+        // Half a second later five more are allowed.
+        let t1 = t0 + Duration::from_millis(500);
+        let allowed = (0..100)
+            .filter(|_| limiter.check(remote, t1).is_none())
+            .count();
+        assert_eq!(allowed, 5);
+        for ip in ["127.0.0.1", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!((0..1000).all(|_| limiter.check(ip, t0).is_none()));
+        }
+        let off = RateLimiter::new(0);
+        assert!((0..1000).all(|_| off.check(remote, t0).is_none()));
+    }
 }

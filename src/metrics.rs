@@ -18,6 +18,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     pub store_errors: AtomicU64,
     pub store_full: AtomicU64,
+    /// Local API requests refused by `http.rate_limit_per_sec`.
+    pub http_rate_limited: AtomicU64,
     pub mqtt: SinkMetrics,
     pub protime: SinkMetrics,
     pub protime_dead_letters: AtomicU64,
@@ -290,6 +292,12 @@ impl Metrics {
             "counter",
             "Ingests refused because the store is full.",
             &[(String::new(), r(&self.store_full) as f64)],
+        );
+        metric(
+            "badgegate_http_rate_limited_total",
+            "counter",
+            "Local API requests refused with 429 (http.rate_limit_per_sec).",
+            &[(String::new(), r(&self.http_rate_limited) as f64)],
         );
         metric(
             "badgegate_store_writable",

@@ -279,3 +279,85 @@ async fn a_token_guards_the_v1_api_when_configured() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// This host's address on its first non-loopback interface, if it has one.
+fn lan_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // A UDP connect sends nothing: it only picks the route and so the local address.
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_other_hosts_are_rate_limited_and_loopback_is_not() {
+    let Some(ip) = lan_ip() else {
+        eprintln!("skipped: this machine has no non-loopback address to connect from");
+        return;
+    };
+    let mosquitto = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api-token"), "tok-123\n").unwrap();
+    let mut agent = AgentProc::start(dir.path(), &mosquitto.url());
+    agent.kill9();
+    let port = agent.http.port();
+    let cfg = std::fs::read_to_string(&agent.config_path)
+        .unwrap()
+        .replace(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!(
+                "listen = \"0.0.0.0:{port}\"\ntoken_file = \"api-token\"\nrate_limit_per_sec = 5"
+            ),
+        );
+    assert!(cfg.contains("rate_limit_per_sec"));
+    std::fs::write(&agent.config_path, cfg).unwrap();
+    agent.spawn();
+
+    badgegate::clouds::install_crypto_provider();
+    let remote = reqwest::Client::builder()
+        .local_address(ip)
+        .build()
+        .unwrap();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..30 {
+        let r = remote
+            .get(format!("http://{ip}:{port}/v1/zones"))
+            .bearer_auth("tok-123")
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 429 {
+            retry_after = r.headers().get("retry-after").cloned();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limited");
+            statuses.push(429);
+        } else {
+            statuses.push(r.status().as_u16());
+        }
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    // A burst of 10, plus what refilled at 5/s while the 30 requests ran.
+    assert!((10..20).contains(&ok), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(retry_after.is_some(), "429 carries Retry-After");
+
+    // Local processes are not limited.
+    let local = Api::new();
+    for _ in 0..50 {
+        let r = local
+            .client
+            .get(agent.url("/v1/zones"))
+            .bearer_auth("tok-123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    assert!(
+        local
+            .metric(&agent, "badgegate_http_rate_limited_total")
+            .await
+            >= 1.0
+    );
+}
