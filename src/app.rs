@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -108,12 +109,10 @@ impl Agent {
             Some(hook),
         );
         directory.persist_with(writer_handle.clone(), metrics.clone());
+        let mut people_stamp = None;
         if let Some(path) = &config.access.people_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| StartError::People(format!("cannot read {}: {e}", path.display())))?;
-            let people = crate::access::people_file::parse(&text).map_err(|errors| {
-                StartError::People(format!("{}: {}", path.display(), errors.join("; ")))
-            })?;
+            people_stamp = file_stamp(path);
+            let people = read_people(path).map_err(StartError::People)?;
             let n = people.len();
             directory.replace_people(PeopleOrigin::File, people).await?;
             tracing::info!(persons = n, file = %path.display(), "people file loaded");
@@ -161,6 +160,14 @@ impl Agent {
 
         let ingest = Ingest::new(config.clone(), writer_handle.clone(), metrics.clone());
         let mut source_tasks = Vec::new();
+        if let Some(path) = &config.access.people_file {
+            source_tasks.push(tokio::spawn(watch_people_file(
+                path.clone(),
+                people_stamp,
+                directory.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         for t in link_terminals {
             let health = metrics.terminals.get(&t.id).cloned().unwrap_or_default();
             let link = AnvizLink::new(t.clone(), ingest.clone(), health);
@@ -308,5 +315,73 @@ impl Agent {
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         tracing::info!("stopped cleanly");
+    }
+}
+
+/// How often the people file is looked at for changes.
+const PEOPLE_FILE_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The people file, parsed; every bad line is in the error.
+fn read_people(path: &std::path::Path) -> Result<Vec<crate::access::Person>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::access::people_file::parse(&text)
+        .map_err(|errors| format!("{}: {}", path.display(), errors.join("; ")))
+}
+
+/// What tells a changed file from the one loaded: its modification time and length.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reload `access.people_file` when it changes, so badges can be added or withdrawn without a
+/// restart. A file that cannot be read or has bad lines is reported and the persons loaded
+/// before stay in force (a half-written file must not lock everybody out).
+async fn watch_people_file(
+    path: std::path::PathBuf,
+    mut loaded: Option<(std::time::SystemTime, u64)>,
+    directory: Directory,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(PEOPLE_FILE_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    let mut reported = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let stamp = file_stamp(&path);
+        if stamp.is_none() || stamp == loaded {
+            continue;
+        }
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || read_people(&p))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match read {
+            Ok(people) => {
+                let n = people.len();
+                match directory.replace_people(PeopleOrigin::File, people).await {
+                    Ok(()) => {
+                        loaded = stamp;
+                        reported = None;
+                        tracing::info!(persons = n, file = %path.display(), "people file reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, file = %path.display(), "storing the reloaded people file failed; will retry")
+                    }
+                }
+            }
+            Err(e) => {
+                // Once per version of the file, not every few seconds.
+                if reported != stamp {
+                    reported = stamp;
+                    tracing::warn!(error = %e, "people file changed but is not valid; the persons loaded before stay in force");
+                }
+            }
+        }
     }
 }

@@ -615,3 +615,78 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
     assert_eq!(zones["zones"][0]["count"], 50_000);
     assert!(took < Duration::from_secs(10), "restart took {took:?}");
 }
+
+/// The status an access check gives `badge` at the door now.
+async fn check(api: &Api, agent: &AgentProc, badge: &str) -> String {
+    let (code, v) = api
+        .post_to(
+            agent,
+            "/v1/access/check",
+            &json!({"terminal": "door", "badge": badge, "direction": "in"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    v["status"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_people_file_is_reloaded_when_it_changes_and_a_broken_one_is_ignored() {
+    let mosquitto = Mosquitto::start();
+    let mut sub =
+        Subscriber::start(mosquitto.addr(), &format!("badgegate/{SITE}/clockings/#")).await;
+    let dir = tempfile::tempdir().unwrap();
+    people(dir.path(), &[("100", "E-100")]);
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &access_extra("door", false),
+    );
+    let api = Api::new();
+    assert_eq!(check(&api, &agent, "100").await, "AccessOk");
+    assert_eq!(
+        pass(&api, &agent, "door", "200", "08:00", "in").await,
+        "UnknownBadge"
+    );
+    let first = next_matching(&mut sub, "the unknown badge's clocking", |_, v| {
+        v["badge"] == "200"
+    })
+    .await;
+    assert_eq!(first["person"], Value::Null);
+
+    // Badge 200 is handed out: no restart needed.
+    people(dir.path(), &[("100", "E-100"), ("200", "E-200")]);
+    eventually("badge 200 known after the reload", WAIT, || async {
+        check(&api, &agent, "200").await == "AccessOk"
+    })
+    .await;
+    // The earlier clocking is re-published with its person, its status unchanged.
+    let again = next_matching(&mut sub, "the re-published clocking", |_, v| {
+        v["badge"] == "200" && v["person"] == "E-200"
+    })
+    .await;
+    assert_eq!(
+        (again["id"].clone(), again["status"].clone()),
+        (first["id"].clone(), json!("UnknownBadge"))
+    );
+
+    // A broken file (a half-written edit) changes nothing and is reported.
+    std::fs::write(
+        dir.path().join("people.csv"),
+        "badge,person,groups\n\"unterminated\n",
+    )
+    .unwrap();
+    eventually("the broken file reported", WAIT, || async {
+        agent.log().contains("people file changed but is not valid")
+    })
+    .await;
+    assert_eq!(check(&api, &agent, "200").await, "AccessOk");
+    assert_eq!(check(&api, &agent, "100").await, "AccessOk");
+
+    // Withdrawing a badge takes effect too.
+    people(dir.path(), &[("100", "E-100")]);
+    eventually("badge 200 withdrawn", WAIT, || async {
+        check(&api, &agent, "200").await == "UnknownBadge"
+    })
+    .await;
+}
