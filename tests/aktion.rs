@@ -123,14 +123,8 @@ fn assert_no_secrets(fake: &FakeAktion, rig: &CloudRig) {
     let tokens: HashSet<String> = fake
         .control()
         .wire()
-        .log()
-        .iter()
-        .filter_map(|r| {
-            r.uri
-                .split(['?', '&'])
-                .find_map(|p| p.strip_prefix("Token="))
-                .map(str::to_owned)
-        })
+        .query_values("Token")
+        .into_iter()
         .collect();
     rig.assert_log_hides(std::iter::once(DEFAULT_API_KEY.to_owned()).chain(tokens));
 }

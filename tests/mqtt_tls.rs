@@ -194,8 +194,7 @@ async fn mqtts_with_a_ca_file_delivers_and_a_wrong_ca_is_reported_without_loss()
         .await;
     assert_eq!(s, 202);
     let kept = b["accepted"][0]["id"].as_str().unwrap().to_owned();
-    eventually("the TLS failure is reported", LONG, || async {
-        let (_, h) = api.get_json(&agent, "/healthz").await;
+    api.wait_health(&agent, "the TLS failure reported", LONG, |h| {
         h["mqtt"]["connected"] == false
             && h["mqtt"]["last_error"]
                 .as_str()
@@ -253,8 +252,7 @@ async fn a_refused_password_is_reported_and_nothing_is_lost() {
         &clocking("gate-1", "waiting", "2026-05-05T07:30:00+02:00", "in"),
     )
     .await;
-    eventually("the refusal is reported", LONG, || async {
-        let (_, h) = api.get_json(&agent, "/healthz").await;
+    api.wait_health(&agent, "the refusal reported", LONG, |h| {
         h["mqtt"]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("refused"))
@@ -290,8 +288,7 @@ async fn a_certificate_for_another_host_name_is_refused() {
         )
         .await;
     assert_eq!(s, 202);
-    eventually("the name mismatch is reported", LONG, || async {
-        let (_, h) = api.get_json(&agent, "/healthz").await;
+    api.wait_health(&agent, "the name mismatch reported", LONG, |h| {
         h["mqtt"]["connected"] == false
             && h["mqtt"]["last_error"].as_str().is_some_and(|e| {
                 e.contains("TLS handshake failed") && e.contains("not valid for name")

@@ -28,15 +28,7 @@ async fn rig() -> Rig {
         .await
         .unwrap();
     let ctl = fake.control();
-    for (id, badge) in [(1, "4711"), (2, "4712")] {
-        ctl.add_person(Person {
-            id,
-            badge_number: badge.into(),
-            employee_number: format!("E{id}"),
-            first_name: "Test".into(),
-            last_name: format!("Person{id}"),
-        });
-    }
+    ctl.add_people(&[(1, "4711"), (2, "4712")]);
     ctl.add_terminal(Terminal {
         id: 10,
         external_code: "gate-1".into(),

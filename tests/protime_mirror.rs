@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use badgegate::fakes::protime::{
-    endpoint, AccessClockingSpec, AccessStatus, FakeProtime, Person, ProtimeControl, Terminal,
+    endpoint, AccessClockingSpec, AccessStatus, FakeProtime, ProtimeControl, Terminal,
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
 };
 use badgegate::fakes::Fault;
@@ -26,15 +26,7 @@ async fn rig(seed: impl FnOnce(&ProtimeControl)) -> (FakeProtime, CloudRig) {
         .await
         .unwrap();
     let ctl = fake.control();
-    for (id, badge) in [(1, "4711"), (2, "4712")] {
-        ctl.add_person(Person {
-            id,
-            badge_number: badge.into(),
-            employee_number: format!("E{id}"),
-            first_name: "Test".into(),
-            last_name: format!("Person{id}"),
-        });
-    }
+    ctl.add_people(&[(1, "4711"), (2, "4712")]);
     for (id, code) in [(10, "gate-1"), (20, "turnstile-x")] {
         ctl.add_terminal(Terminal {
             id,

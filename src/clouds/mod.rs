@@ -310,17 +310,7 @@ mod tests {
         if let Err(e) = wrong.persons().await {
             both(&mut texts, &e);
         }
-        let aktion_tokens: Vec<String> = actl
-            .wire()
-            .log()
-            .iter()
-            .filter_map(|r| {
-                r.uri
-                    .split(['?', '&'])
-                    .find_map(|p| p.strip_prefix("Token="))
-                    .map(str::to_string)
-            })
-            .collect();
+        let aktion_tokens = actl.wire().query_values("Token");
         assert!(aktion_tokens.len() >= 2, "two tokens were used");
 
         protime.shutdown().await;

@@ -177,6 +177,22 @@ impl Wire {
         lock(&self.state).log.iter().cloned().collect()
     }
 
+    /// The values of query parameter `name` in the logged requests, oldest first (e.g. the
+    /// tokens a client sent as `Token=`).
+    pub fn query_values(&self, name: &str) -> Vec<String> {
+        let prefix = format!("{name}=");
+        lock(&self.state)
+            .log
+            .iter()
+            .filter_map(|r| {
+                r.uri
+                    .split(['?', '&'])
+                    .find_map(|p| p.strip_prefix(prefix.as_str()))
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
     /// Waits until `endpoint` has received at least `at_least` requests (counted once they are
     /// fully processed), or `timeout` passes. Returns whether the count was reached.
     pub async fn wait_for(&self, endpoint: &str, at_least: u64, timeout: Duration) -> bool {

@@ -469,6 +469,19 @@ impl ProtimeControl {
         lock(&self.state).people.push(person);
     }
 
+    /// Persons `(id, badge)` with made-up names (employee number `E<id>`), for tests and the demo.
+    pub fn add_people(&self, people: &[(i64, &str)]) {
+        for (id, badge) in people {
+            self.add_person(Person {
+                id: *id,
+                badge_number: (*badge).into(),
+                employee_number: format!("E{id}"),
+                first_name: "Test".into(),
+                last_name: format!("Person{id}"),
+            });
+        }
+    }
+
     pub fn add_terminal(&self, terminal: Terminal) {
         lock(&self.state).terminals.push(terminal);
     }

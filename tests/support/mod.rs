@@ -513,36 +513,42 @@ impl Api {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Poll `/healthz` until the access engine's MQTT connection is subscribed.
-    pub async fn wait_access_connected(&self, agent: &AgentProc, timeout: Duration) {
+    /// Poll `/healthz` until `cond` holds of it.
+    pub async fn wait_health(
+        &self,
+        agent: &AgentProc,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Value) -> bool,
+    ) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (_, v) = self.get_json(agent, "/healthz").await;
-            if v["mqtt"]["access_connected"] == true {
+            if cond(&v) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "access MQTT connection not up within {timeout:?}"
+                "{what} not within {timeout:?}: {v}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// Poll `/healthz` until the access engine's MQTT connection is subscribed.
+    pub async fn wait_access_connected(&self, agent: &AgentProc, timeout: Duration) {
+        self.wait_health(agent, "access MQTT connection up", timeout, |v| {
+            v["mqtt"]["access_connected"] == true
+        })
+        .await
+    }
+
     /// Poll `/healthz` until the MQTT uplink reports connected.
     pub async fn wait_connected(&self, agent: &AgentProc, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (_, v) = self.get_json(agent, "/healthz").await;
-            if v["mqtt"]["connected"] == true {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "MQTT not connected within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_health(agent, "MQTT connected", timeout, |v| {
+            v["mqtt"]["connected"] == true
+        })
+        .await
     }
 
     pub async fn metric(&self, agent: &AgentProc, name: &str) -> f64 {
