@@ -10,14 +10,14 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::StatusCode;
 
 use crate::clouds::http::{parse_retry_after, Answer, Verdict};
 use crate::clouds::{aktion, crosschex, protime};
 use crate::config::Config;
-use crate::model::{valid_badge, Source};
+use crate::model::{valid_badge, AccessStatus, Clocking, Source};
 use crate::terminals::anviz::codec::{
     self, cmd, ClearRequest, Counts, Decoder, DownloadRequest, Frame, FrameError, Record, Request,
     Response, MAX_DATA_LEN,
@@ -38,6 +38,13 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 /// (400 validation, 401/403 auth, 404 Aktion "no scheduled action", 409/410 Protime delta,
 /// 429 rate limit) and a proxy's 5xx.
 const STATUSES: [u16; 12] = [200, 201, 202, 204, 400, 401, 403, 404, 409, 410, 429, 502];
+
+/// "Now" for every target: a fixed instant keeps each input's outcome reproducible.
+fn fixed_now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
 
 // ---------------------------------------------------------------------------------------------
 // Anviz TC-B
@@ -214,18 +221,37 @@ fn ingest_config() -> &'static Config {
 }
 
 /// A `POST /v1/clockings` body. Accepted: 1..=max_batch clockings, each on a configured
-/// terminal with a valid badge, from the HTTP source. Refused: a 400, and the index it names is
-/// an element of the batch.
+/// terminal with a valid badge, from the HTTP source; each becomes a stored clocking (as
+/// `Ingest::submit` makes it) at the same instant, with a stable id, a minute of day in
+/// 0..=1439, a JSON payload and a store encoding that decodes to the same clocking. Refused: a
+/// 400, and the index it names is an element of the batch.
 pub fn ingest_body(data: &[u8]) {
     let config = ingest_config();
     match crate::http::parse_clockings_body(config, data) {
         Ok(batch) => {
             assert!(!batch.is_empty() && batch.len() <= config.http.max_batch);
-            for c in &batch {
-                assert!(config.terminal(&c.terminal).is_some(), "{c:?}");
-                assert!(valid_badge(&c.badge), "{c:?}");
-                assert_eq!(c.source, Source::Http);
-                assert!(c.person.is_none());
+            let received_at = fixed_now();
+            for new in batch {
+                let term = config
+                    .terminal(&new.terminal)
+                    .expect("a configured terminal");
+                assert!(valid_badge(&new.badge), "{new:?}");
+                assert_eq!(new.source, Source::Http);
+                assert!(new.person.is_none());
+                let make = || {
+                    let status = new.status.unwrap_or(AccessStatus::AccessOk);
+                    Clocking::from_new("fuzz", term.timezone, new.clone(), status, received_at)
+                };
+                let c = make();
+                assert_eq!(c.occurred_at, new.occurred_at, "the instant is kept");
+                assert_eq!(c.id, make().id, "ids are stable");
+                assert!(c.time_of_day_minutes() < 1440, "{c:?}");
+                let json: serde_json::Value =
+                    serde_json::from_slice(&c.to_json()).expect("the MQTT payload is JSON");
+                assert_eq!(json["badge"].as_str(), Some(c.badge.as_str()));
+                let stored = postcard::to_allocvec(&c).expect("a clocking encodes");
+                let back: Clocking = postcard::from_bytes(&stored).expect("and decodes");
+                assert_eq!(back, c);
             }
         }
         Err(e) => {
@@ -246,7 +272,7 @@ pub fn ingest_body(data: &[u8]) {
 fn answers(body: &[u8]) -> impl Iterator<Item = Answer> + '_ {
     let first_line = body.split(|&b| b == b'\n').next().unwrap_or_default();
     if let Ok(text) = std::str::from_utf8(first_line) {
-        let _ = parse_retry_after(text, Utc::now());
+        let _ = parse_retry_after(text, fixed_now());
     }
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_bytes(first_line) {
@@ -314,7 +340,7 @@ pub fn aktion_answer(data: &[u8]) {
                     assert!(s.end > s.begin, "{s:?}");
                 }
             }
-            let since = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single();
+            let since = Some(fixed_now());
             let _ = aktion::parse_events_page(v, since);
         }
     }
@@ -323,7 +349,7 @@ pub fn aktion_answer(data: &[u8]) {
 /// CrossChex: login and `getrecord` answers in both shapes, errors arriving with HTTP 200.
 pub fn crosschex_answer(data: &[u8]) {
     for a in answers(data) {
-        if let Some(t) = done(crosschex::parse_token_answer(&a, Utc::now())) {
+        if let Some(t) = done(crosschex::parse_token_answer(&a, fixed_now())) {
             assert!(!t.value.expose().is_empty());
         }
         if let Some(page) = done(crosschex::parse_getrecord_answer(&a)) {
