@@ -23,8 +23,11 @@ use crate::terminals::anviz::codec::{
     Response, MAX_DATA_LEN,
 };
 
+/// A fuzz entry point: raw bytes in, a panic on a finding.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target by name (the name of its `fuzz_targets/` file and corpus folder).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("tcb_frames", tcb_frames),
     ("ingest_body", ingest_body),
     ("protime_answer", protime_answer),
@@ -63,7 +66,10 @@ pub fn tcb_frames(data: &[u8]) {
     let requests = decode_stream::<Request>(stream, chunk);
     for req in &requests {
         let bytes = codec::encode_request(req).expect("a decoded request re-encodes");
-        assert_eq!(decode_stream::<Request>(&bytes, bytes.len()), [req.clone()]);
+        assert_eq!(
+            decode_stream::<Request>(&bytes, bytes.len()),
+            std::slice::from_ref(req)
+        );
         request_payload(req);
     }
     let responses = decode_stream::<Response>(stream, chunk);
@@ -71,7 +77,7 @@ pub fn tcb_frames(data: &[u8]) {
         let bytes = codec::encode_response(resp).expect("a decoded response re-encodes");
         assert_eq!(
             decode_stream::<Response>(&bytes, bytes.len()),
-            [resp.clone()]
+            std::slice::from_ref(resp)
         );
         response_payload(resp);
     }
@@ -311,10 +317,8 @@ pub fn protime_answer(data: &[u8]) {
             };
             for item in page.value {
                 let _ = protime::parse_clocking(&item);
-                if let Ok(change) = protime::parse_access_item(&item) {
-                    if let protime::AccessChange::Upsert(c) = &change {
-                        assert!(c.time_of_day_in_minutes <= 1439, "{c:?}");
-                    }
+                if let Ok(protime::AccessChange::Upsert(c)) = protime::parse_access_item(&item) {
+                    assert!(c.time_of_day_in_minutes <= 1439, "{c:?}");
                 }
                 let _ = protime::parse_person(item);
             }
