@@ -186,6 +186,20 @@ impl ApiError {
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The contract's `error.code` (`invalid_json`, `unknown_terminal`...).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The element of a batch the error is about.
+    pub fn index(&self) -> Option<usize> {
+        self.index
+    }
+
     fn invalid(index: usize, field: &'static str, code: &'static str, message: String) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -298,7 +312,26 @@ async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiEr
         ));
     }
     let body = read_body(body, &parts.headers, st.config.http.max_body_bytes).await?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+    let batch = parse_clockings_body(&st.config, &body)?;
+    let outcomes = st.ingest.submit(batch).await?;
+    let accepted: Vec<Value> = outcomes
+        .iter()
+        .map(|o| {
+            let mut a = json!({"id": o.id.to_string(), "duplicate": !o.stored});
+            if let Some(s) = o.status {
+                a["status"] = json!(s.as_str());
+            }
+            a
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
+}
+
+/// The body of `POST /v1/clockings` (one object or an array of them) as new clockings, or the
+/// 400 naming the first problem. Pure: nothing is stored, so it is shared by the handler, the
+/// fuzz target and its regression test.
+pub fn parse_clockings_body(config: &Config, body: &[u8]) -> Result<Vec<NewClocking>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -307,14 +340,14 @@ async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiEr
     })?;
     let items = match value {
         Value::Array(items) => {
-            if items.len() > st.config.http.max_batch {
+            if items.len() > config.http.max_batch {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "batch_too_large",
                     format!(
                         "{} clockings in one request; at most {} (http.max_batch)",
                         items.len(),
-                        st.config.http.max_batch
+                        config.http.max_batch
                     ),
                 ));
             }
@@ -337,23 +370,11 @@ async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiEr
         }
     };
     // Validate everything before storing anything: one bad element rejects the whole request.
-    let batch = items
+    items
         .iter()
         .enumerate()
-        .map(|(i, v)| parse_clocking(&st.config, i, v))
-        .collect::<Result<Vec<_>, _>>()?;
-    let outcomes = st.ingest.submit(batch).await?;
-    let accepted: Vec<Value> = outcomes
-        .iter()
-        .map(|o| {
-            let mut a = json!({"id": o.id.to_string(), "duplicate": !o.stored});
-            if let Some(s) = o.status {
-                a["status"] = json!(s.as_str());
-            }
-            a
-        })
-        .collect();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response())
+        .map(|(i, v)| parse_clocking(config, i, v))
+        .collect()
 }
 
 const FIELDS: [&str; 5] = ["terminal", "badge", "occurred_at", "direction", "status"];

@@ -13,6 +13,9 @@ pub mod config;
 mod config_keys;
 pub mod demo;
 pub mod fakes;
+/// Fuzz entry points, shared by `fuzz/` and `tests/fuzz_corpus.rs`; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod ingest;
 pub mod localhttp;

@@ -309,12 +309,7 @@ impl AktionClient {
     /// Every person (`person/getAll`, all pages).
     pub async fn persons(&self) -> Result<Vec<AktionPerson>, CloudError> {
         let url = self.url("person/getAll")?;
-        self.paged(CALL_PERSONS, url, |v| {
-            let page: PersonsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
-            let listed = page.persons.len();
-            Ok((items(CALL_PERSONS, page.persons), page.paging, listed))
-        })
-        .await
+        self.paged(CALL_PERSONS, url, parse_persons_page).await
     }
 
     /// The shifts of `person_id` overlapping `[from, to]` (both inclusive), all pages. With
@@ -336,28 +331,8 @@ impl AktionClient {
                 q.append_pair("TimeLastChange", &instant(c));
             }
         }
-        let pid = person_id.to_string();
-        self.paged(CALL_SHIFTS, url, move |v| {
-            let page: ShiftsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
-            let person = page.person_id.unwrap_or_else(|| pid.clone());
-            let listed = page.shifts.len();
-            let shifts = items::<ShiftItem>(CALL_SHIFTS, page.shifts)
-                .into_iter()
-                .map(|s| {
-                    let begin = s.begin.with_timezone(&Utc);
-                    AktionShift {
-                        person_id: person.clone(),
-                        name: s.name.unwrap_or_default(),
-                        begin,
-                        end: night_shift_end(begin, s.end.with_timezone(&Utc)),
-                        description: s.description.unwrap_or_default(),
-                        time_last_change: s.time_last_change.map(|t| t.with_timezone(&Utc)),
-                    }
-                })
-                .collect();
-            Ok((shifts, page.paging, listed))
-        })
-        .await
+        self.paged(CALL_SHIFTS, url, |v| parse_shifts_page(v, person_id))
+            .await
     }
 
     /// C4 events of controller `c4` created after `last_sync` (all of them when `None`).
@@ -375,21 +350,10 @@ impl AktionClient {
             }
         }
         let page = self.request(CALL_C4_EVENTS, &url, false).await?;
-        let parsed =
-            serde_json::from_value::<EventsPage>(page.unwrap_or_default()).map_err(|e| {
-                self.inner.http.error(
-                    CALL_C4_EVENTS,
-                    ErrorKind::Malformed {
-                        detail: format!("events answer: {e}"),
-                    },
-                )
-            })?;
-        Ok(C4Events {
-            events: items(CALL_C4_EVENTS, parsed.events),
-            last_sync: parsed
-                .last_sync
-                .map(|t| t.with_timezone(&Utc))
-                .or(last_sync),
+        parse_events_page(page.unwrap_or_default(), last_sync).map_err(|detail| {
+            self.inner
+                .http
+                .error(CALL_C4_EVENTS, ErrorKind::Malformed { detail })
         })
     }
 
@@ -456,33 +420,12 @@ impl AktionClient {
                     u.query_pairs_mut().append_pair("Token", token);
                     client.get(u)
                 },
-                |a: &Answer| {
-                    if a.status == StatusCode::OK {
-                        return match a.json::<Value>() {
-                            Ok(v) if v.is_object() => Verdict::Done(Some(v)),
-                            Ok(_) => Verdict::Fail(ErrorKind::Malformed {
-                                detail: format!("expected a JSON object: {}", a.snippet()),
-                            }),
-                            Err(k) => Verdict::Fail(k),
-                        };
-                    }
-                    let v = vendor_answer(a);
-                    if none_ok && error_number(&v) == Some(code::NO_SCHEDULED_ACTION) {
-                        return Verdict::Done(None);
-                    }
-                    verdict(a, v, false)
-                },
+                |a: &Answer| parse_get_answer(a, none_ok),
             )
             .await
     }
 
     async fn login(&self) -> Result<IssuedToken, CloudError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct LoginAnswer {
-            token: String,
-            expire_in_sec: Option<u64>,
-        }
         let inner = &self.inner;
         let url = self.url("login")?;
         inner
@@ -496,23 +439,7 @@ impl AktionClient {
                         "ApiKey": inner.api_key.expose(),
                     }))
                 },
-                |a: &Answer| {
-                    if a.status != StatusCode::OK {
-                        return verdict(a, vendor_answer(a), true);
-                    }
-                    match a.json::<LoginAnswer>() {
-                        Ok(l) if !l.token.trim().is_empty() => Verdict::Done(IssuedToken {
-                            value: Secret::new(l.token.trim()),
-                            lifetime: l
-                                .expire_in_sec
-                                .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs),
-                        }),
-                        Ok(_) => Verdict::Fail(ErrorKind::Malformed {
-                            detail: "login answer without a Token".into(),
-                        }),
-                        Err(k) => Verdict::Fail(k),
-                    }
-                },
+                parse_login_answer,
             )
             .await
     }
@@ -527,6 +454,97 @@ impl AktionClient {
             )
         })
     }
+}
+
+/// The answer to an authenticated GET: its JSON object. `none_ok`: 404 with 1132 ("no scheduled
+/// action") is `None`.
+pub(crate) fn parse_get_answer(a: &Answer, none_ok: bool) -> Verdict<Option<Value>> {
+    if a.status == StatusCode::OK {
+        return match a.json::<Value>() {
+            Ok(v) if v.is_object() => Verdict::Done(Some(v)),
+            Ok(_) => Verdict::Fail(ErrorKind::Malformed {
+                detail: format!("expected a JSON object: {}", a.snippet()),
+            }),
+            Err(k) => Verdict::Fail(k),
+        };
+    }
+    let v = vendor_answer(a);
+    if none_ok && error_number(&v) == Some(code::NO_SCHEDULED_ACTION) {
+        return Verdict::Done(None);
+    }
+    verdict(a, v, false)
+}
+
+pub(crate) fn parse_login_answer(a: &Answer) -> Verdict<IssuedToken> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct LoginAnswer {
+        token: String,
+        expire_in_sec: Option<u64>,
+    }
+    if a.status != StatusCode::OK {
+        return verdict(a, vendor_answer(a), true);
+    }
+    match a.json::<LoginAnswer>() {
+        Ok(l) if !l.token.trim().is_empty() => Verdict::Done(IssuedToken {
+            value: Secret::new(l.token.trim()),
+            lifetime: l
+                .expire_in_sec
+                .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs),
+        }),
+        Ok(_) => Verdict::Fail(ErrorKind::Malformed {
+            detail: "login answer without a Token".into(),
+        }),
+        Err(k) => Verdict::Fail(k),
+    }
+}
+
+/// A `person/getAll` page: the persons that could be read, the paging, and how many were listed.
+pub(crate) fn parse_persons_page(v: Value) -> Result<(Vec<AktionPerson>, Paging, usize), String> {
+    let page: PersonsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let listed = page.persons.len();
+    Ok((items(CALL_PERSONS, page.persons), page.paging, listed))
+}
+
+/// A `getScheduledShift` page of `person_id` (the page's own PersonId wins when it has one).
+pub(crate) fn parse_shifts_page(
+    v: Value,
+    person_id: &str,
+) -> Result<(Vec<AktionShift>, Paging, usize), String> {
+    let page: ShiftsPage = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let person = page.person_id.unwrap_or_else(|| person_id.to_string());
+    let listed = page.shifts.len();
+    let shifts = items::<ShiftItem>(CALL_SHIFTS, page.shifts)
+        .into_iter()
+        .map(|s| {
+            let begin = s.begin.with_timezone(&Utc);
+            AktionShift {
+                person_id: person.clone(),
+                name: s.name.unwrap_or_default(),
+                begin,
+                end: night_shift_end(begin, s.end.with_timezone(&Utc)),
+                description: s.description.unwrap_or_default(),
+                time_last_change: s.time_last_change.map(|t| t.with_timezone(&Utc)),
+            }
+        })
+        .collect();
+    Ok((shifts, page.paging, listed))
+}
+
+/// A `getC4HwEvents` answer; without a `LastSync` in it the watermark stays `last_sync`.
+pub(crate) fn parse_events_page(
+    v: Value,
+    last_sync: Option<DateTime<Utc>>,
+) -> Result<C4Events, String> {
+    let parsed =
+        serde_json::from_value::<EventsPage>(v).map_err(|e| format!("events answer: {e}"))?;
+    Ok(C4Events {
+        events: items(CALL_C4_EVENTS, parsed.events),
+        last_sync: parsed
+            .last_sync
+            .map(|t| t.with_timezone(&Utc))
+            .or(last_sync),
+    })
 }
 
 /// What an Aktion error number means for the call. `login`: a 401 is then about credentials.
@@ -588,11 +606,11 @@ fn instant(t: DateTime<Utc>) -> String {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct Paging {
+pub(crate) struct Paging {
     #[serde(default)]
-    total_count: u64,
+    pub total_count: u64,
     #[serde(default)]
-    total_pages: u64,
+    pub total_pages: u64,
 }
 
 /// The items of a list that could be read; each malformed one is skipped and logged, so one bad

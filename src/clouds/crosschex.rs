@@ -283,13 +283,7 @@ impl CrossChexClient {
                     let body = envelope("attendance.record", "getrecord", Some(token), &payload);
                     client.post(inner.url.clone()).json(&body)
                 },
-                |a: &Answer| match payload_of(a, false) {
-                    Ok(p) => match parse_page(&p) {
-                        Ok(page) => Verdict::Done(page),
-                        Err(detail) => Verdict::Fail(ErrorKind::Malformed { detail }),
-                    },
-                    Err(v) => v,
-                },
+                parse_getrecord_answer,
             )
             .await
     }
@@ -309,12 +303,28 @@ impl CrossChexClient {
                     let body = envelope("authorize.token", "token", None, &payload);
                     client.post(inner.url.clone()).json(&body)
                 },
-                |a: &Answer| match payload_of(a, true) {
-                    Ok(p) => token_from(&p, Utc::now()),
-                    Err(v) => v,
-                },
+                |a: &Answer| parse_token_answer(a, Utc::now()),
             )
             .await
+    }
+}
+
+/// A `getrecord` answer: the page, or the verdict for an error answer (in either shape).
+pub(crate) fn parse_getrecord_answer(a: &Answer) -> Verdict<RecordPage> {
+    match payload_of(a, false) {
+        Ok(p) => match parse_page(&p) {
+            Ok(page) => Verdict::Done(page),
+            Err(detail) => Verdict::Fail(ErrorKind::Malformed { detail }),
+        },
+        Err(v) => v,
+    }
+}
+
+/// A login answer received at `now`: the token and its lifetime, or the verdict for an error.
+pub(crate) fn parse_token_answer(a: &Answer, now: DateTime<Utc>) -> Verdict<IssuedToken> {
+    match payload_of(a, true) {
+        Ok(p) => token_from(&p, now),
+        Err(v) => v,
     }
 }
 
@@ -444,12 +454,12 @@ fn token_from(p: &Value, now: DateTime<Utc>) -> Verdict<IssuedToken> {
 }
 
 #[derive(Debug)]
-struct RecordPage {
-    count: u64,
-    page_count: u64,
-    list: Vec<CrossChexRecord>,
+pub(crate) struct RecordPage {
+    pub count: u64,
+    pub page_count: u64,
+    pub list: Vec<CrossChexRecord>,
     /// Why each malformed record of the page was skipped.
-    skipped: Vec<String>,
+    pub skipped: Vec<String>,
 }
 
 /// The doc types every field as "Text": numbers may come as strings.

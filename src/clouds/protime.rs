@@ -318,7 +318,7 @@ impl ProtimeClient {
                 || self.login(),
                 false,
                 |client, token| client.post(url.clone()).bearer_auth(token).json(&body),
-                interpret_post,
+                parse_post_answer,
             )
             .await
     }
@@ -397,20 +397,12 @@ impl ProtimeClient {
         url.query_pairs_mut()
             .append_pair("externalReferences", "(people,@badge-number)");
         let mut people = Vec::new();
-        self.list(
-            CALL_PEOPLE,
-            url,
-            false,
-            |item: Value| match serde_json::from_value::<PersonItem>(item) {
-                Ok(p) => people.push(ProtimePerson {
-                    id: p.id,
-                    badge_number: p.external_references.badge_number,
-                    first_name: p.first_name,
-                    last_name: p.last_name,
-                }),
-                Err(e) => skipped_item(Api::Protime, CALL_PEOPLE, &format!("person item: {e}")),
-            },
-        )
+        self.list(CALL_PEOPLE, url, false, |item: Value| {
+            match parse_person(item) {
+                Ok(p) => people.push(p),
+                Err(e) => skipped_item(Api::Protime, CALL_PEOPLE, &e),
+            }
+        })
         .await?;
         Ok(people)
     }
@@ -491,15 +483,7 @@ impl ProtimeClient {
                 || self.login(),
                 true,
                 |client, token| client.get(url.clone()).bearer_auth(token),
-                |a: &Answer| match a.status {
-                    StatusCode::OK => match a.json::<Page>() {
-                        Ok(p) => Verdict::Done(p),
-                        Err(k) => Verdict::Fail(k),
-                    },
-                    StatusCode::GONE if delta => Verdict::Fail(ErrorKind::DeltaExpired),
-                    StatusCode::CONFLICT if delta => Verdict::Fail(ErrorKind::DeltaBusy),
-                    _ => by_status(a, vendor_answer(a)),
-                },
+                |a: &Answer| parse_page_answer(a, delta),
             )
             .await
     }
@@ -524,7 +508,7 @@ impl ProtimeClient {
                         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                         .body(body.clone())
                 },
-                interpret_token,
+                parse_token_answer,
             )
             .await
     }
@@ -541,7 +525,20 @@ impl ProtimeClient {
     }
 }
 
-fn interpret_token(a: &Answer) -> Verdict<IssuedToken> {
+/// One page of a listing (`delta`: of the delta feed, where 409 and 410 mean something).
+pub(crate) fn parse_page_answer(a: &Answer, delta: bool) -> Verdict<Page> {
+    match a.status {
+        StatusCode::OK => match a.json::<Page>() {
+            Ok(p) => Verdict::Done(p),
+            Err(k) => Verdict::Fail(k),
+        },
+        StatusCode::GONE if delta => Verdict::Fail(ErrorKind::DeltaExpired),
+        StatusCode::CONFLICT if delta => Verdict::Fail(ErrorKind::DeltaBusy),
+        _ => by_status(a, vendor_answer(a)),
+    }
+}
+
+pub(crate) fn parse_token_answer(a: &Answer) -> Verdict<IssuedToken> {
     #[derive(Deserialize)]
     struct TokenAnswer {
         access_token: String,
@@ -568,7 +565,7 @@ fn interpret_token(a: &Answer) -> Verdict<IssuedToken> {
     }
 }
 
-fn interpret_post(a: &Answer) -> Verdict<PostOutcome> {
+pub(crate) fn parse_post_answer(a: &Answer) -> Verdict<PostOutcome> {
     let header = |name: &str| a.header(name).map(str::to_string);
     match a.status {
         StatusCode::CREATED => Verdict::Done(PostOutcome::Created {
@@ -661,12 +658,12 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 #[derive(Deserialize)]
-struct Page {
-    value: Vec<Value>,
+pub(crate) struct Page {
+    pub value: Vec<Value>,
     #[serde(rename = "nextLink")]
-    next_link: Option<String>,
+    pub next_link: Option<String>,
     #[serde(rename = "deltaLink")]
-    delta_link: Option<String>,
+    pub delta_link: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -754,7 +751,17 @@ impl From<&ProtimeClocking> for ClockingBody {
     }
 }
 
-fn parse_clocking(item: &Value) -> Result<RemoteClocking, String> {
+pub(crate) fn parse_person(item: Value) -> Result<ProtimePerson, String> {
+    let p = serde_json::from_value::<PersonItem>(item).map_err(|e| format!("person item: {e}"))?;
+    Ok(ProtimePerson {
+        id: p.id,
+        badge_number: p.external_references.badge_number,
+        first_name: p.first_name,
+        last_name: p.last_name,
+    })
+}
+
+pub(crate) fn parse_clocking(item: &Value) -> Result<RemoteClocking, String> {
     let c = ClockingItem::deserialize(item).map_err(|e| format!("clocking item: {e}"))?;
     let person = c.person.unwrap_or_default();
     let terminal = c.terminal.unwrap_or_default();
@@ -789,7 +796,7 @@ fn is_same_clocking(c: &ProtimeClocking, r: &RemoteClocking) -> bool {
 }
 
 /// A plain item (initial round) or a `{"changeType","data"}` wrapper (deltaLink rounds).
-fn parse_access_item(item: &Value) -> Result<AccessChange, String> {
+pub(crate) fn parse_access_item(item: &Value) -> Result<AccessChange, String> {
     let Some(change_type) = item.get("changeType") else {
         return parse_access_clocking(item).map(AccessChange::Upsert);
     };
