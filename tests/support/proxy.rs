@@ -6,6 +6,8 @@
 //!   until the mode changes (what a dropped plant link or a firewall looks like).
 //! - [`Mode::Stall`]: a blackhole. Connections stay open (new ones are accepted and held) but
 //!   nothing is forwarded either way; the bytes wait in the kernel until the mode changes.
+//! - [`Mode::HoldAcks`]: client → server bytes flow, server → client bytes are held back: the
+//!   broker gets the publishes, the client gets no PUBACK, so everything sent stays in flight.
 //! - [`Proxy::cut_after_publish`]: a one-shot for MQTT. The next client → server PUBLISH (QoS > 0,
 //!   topic containing a needle) is forwarded; from then on nothing reaches the client, and the
 //!   connection is cut as soon as the server's PUBACK for that packet id has come back (or after
@@ -35,6 +37,16 @@ pub enum Mode {
     Pass,
     Cut,
     Stall,
+    HoldAcks,
+}
+
+/// Whether `dir` waits (reads nothing) in mode `m`.
+fn held(dir: Dir, m: Mode) -> bool {
+    match m {
+        Mode::Stall => true,
+        Mode::HoldAcks => dir == Dir::ToClient,
+        Mode::Pass | Mode::Cut => false,
+    }
 }
 
 /// One cut made by [`Proxy::cut_after_publish`].
@@ -55,6 +67,8 @@ struct Shared {
     cuts: Vec<PublishCut>,
     /// Clocking ids whose PUBACK the server sent (forwarded or withheld).
     server_acked: HashSet<String>,
+    /// Clocking ids whose PUBACK reached the client.
+    client_acked: HashSet<String>,
     connections: u64,
 }
 
@@ -159,8 +173,17 @@ impl Proxy {
         self.shared.lock().unwrap().cuts.clone()
     }
 
+    pub fn hold_acks(&self) {
+        self.set_mode(Mode::HoldAcks);
+    }
+
     pub fn server_acked(&self) -> HashSet<String> {
         self.shared.lock().unwrap().server_acked.clone()
+    }
+
+    /// Clocking ids whose PUBACK the proxy forwarded to the client: the ones it may delete.
+    pub fn client_acked(&self) -> HashSet<String> {
+        self.shared.lock().unwrap().client_acked.clone()
     }
 
     /// Connections accepted and relayed so far.
@@ -182,7 +205,10 @@ impl Proxy {
             }
         })
         .await;
-        assert!(ok.is_ok() && cond(self), "proxy: {what} not within {timeout:?}");
+        assert!(
+            ok.is_ok() && cond(self),
+            "proxy: {what} not within {timeout:?}"
+        );
     }
 
     /// Waits until `n` PUBLISH/PUBACK cuts happened.
@@ -232,7 +258,7 @@ impl Conn {
         // New connections during a stall are held, not relayed, until the stall ends.
         let mut mode = self.mode.clone();
         match mode.wait_for(|m| *m != Mode::Stall).await {
-            Ok(m) if *m == Mode::Pass => {}
+            Ok(m) if *m != Mode::Cut => {}
             _ => return,
         }
         let Ok(server) = TcpStream::connect(target).await else {
@@ -269,18 +295,18 @@ impl Conn {
         let mut framer = Framer::default();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            // While stalled, do not read: the bytes wait at the sender.
-            let stalled = tokio::select! {
-                m = mode.wait_for(|m| *m != Mode::Stall) => m.map(|m| *m == Mode::Cut).unwrap_or(true),
+            // While held, do not read: the bytes wait at the sender.
+            let gone = tokio::select! {
+                m = mode.wait_for(|m| !held(dir, *m)) => m.map(|m| *m == Mode::Cut).unwrap_or(true),
                 _ = cut.wait_for(|c| *c) => true,
             };
-            if stalled {
+            if gone {
                 return;
             }
             // A read cut short by a mode change loses nothing (TcpStream reads are cancel-safe).
             let n = tokio::select! {
                 r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
-                _ = mode.wait_for(|m| *m != Mode::Pass) => continue,
+                _ = mode.wait_for(|m| *m == Mode::Cut || held(dir, *m)) => continue,
                 _ = cut.wait_for(|c| *c) => return,
             };
             if !self.mqtt {
@@ -340,15 +366,21 @@ impl Conn {
 
     /// Server → client: record acknowledged ids; withhold everything once a cut is armed here.
     fn to_client(&self, packet: &[u8], ids: &Mutex<HashMap<u16, String>>) -> bool {
-        let puback = (packet[0] >> 4 == 4).then(|| pkid_after_header(packet)).flatten();
-        if let Some(pkid) = puback {
-            if let Some(id) = ids.lock().unwrap().remove(&pkid) {
-                self.shared.lock().unwrap().server_acked.insert(id);
-            }
+        let puback = (packet[0] >> 4 == 4)
+            .then(|| pkid_after_header(packet))
+            .flatten();
+        let acked_id = puback.and_then(|pkid| ids.lock().unwrap().remove(&pkid));
+        if let Some(id) = &acked_id {
+            self.shared.lock().unwrap().server_acked.insert(id.clone());
         }
         let target = self.target_pkid.lock().unwrap().as_ref().map(|t| t.0);
         match target {
-            None => true,
+            None => {
+                if let Some(id) = acked_id {
+                    self.shared.lock().unwrap().client_acked.insert(id);
+                }
+                true
+            }
             Some(t) => {
                 if puback == Some(t) {
                     self.finish_cut(true);
