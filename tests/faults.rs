@@ -96,8 +96,9 @@ impl Collector {
             .await;
     }
 
-    /// Waits until every id in `want` arrived at least once.
-    async fn wait_ids(&self, want: &HashSet<String>, timeout: Duration) {
+    /// Waits until every id in `want` arrived at least once, or `timeout`; returns how many did
+    /// not.
+    async fn missing_after(&self, want: &HashSet<String>, timeout: Duration) -> usize {
         let missing = |c: &Collector| {
             let counts = c.counts.lock().unwrap();
             want.iter().filter(|id| !counts.contains_key(*id)).count()
@@ -111,7 +112,12 @@ impl Collector {
             }
         })
         .await;
-        let m = missing(self);
+        missing(self)
+    }
+
+    /// Waits until every id in `want` arrived at least once.
+    async fn wait_ids(&self, want: &HashSet<String>, timeout: Duration) {
+        let m = self.missing_after(want, timeout).await;
         assert_eq!(
             m,
             0,
@@ -962,4 +968,126 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
     assert_eq!(lost, 0);
     agent.kill9();
     drop(tmpfs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The soak: SOAK_MINUTES (default 1) of HTTP ingest and Anviz records (real-time pushes and
+// backfill) while the broker is killed, the uplink cut and the agent killed -9 in turn. Run by
+// scripts/soak; the pauses between faults only pace the run, every check waits for events.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long; run by scripts/soak"]
+async fn soak() {
+    let minutes: f64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(1.0);
+    let run_for = Duration::from_secs_f64(minutes * 60.0);
+    let mut mosquitto = Mosquitto::start();
+    let proxy = Proxy::start(mosquitto.addr()).await;
+    let sim = Simulator::new(SimulatorConfig {
+        device_id: 9,
+        ..SimulatorConfig::default()
+    });
+    let sim_addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut sub = Subscriber::start(mosquitto.addr(), CLOCKINGS).await;
+    let col = Collector::start(&mut sub);
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = AgentProc::start_with(
+        dir.path(),
+        &proxy.url(),
+        "",
+        &anviz_connect("north", sim_addr, 9),
+    );
+    let api = Api::new();
+    let ingest = Ingest::start(agent.url("/v1/clockings"), 2, 20, "soak");
+
+    // The terminal: a record every 20 ms, every other one pushed in real time.
+    let (stop_device, mut device_stopped) = watch::channel(false);
+    let device = tokio::spawn({
+        let sim = sim.clone();
+        async move {
+            let mut records = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            for i in 0u64.. {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = device_stopped.changed() => break,
+                }
+                let r = anviz_record(100_000 + i, i as i64);
+                sim.add_record(r.clone(), i % 2 == 0);
+                records.push(r);
+            }
+            records
+        }
+    });
+
+    let started = tokio::time::Instant::now();
+    let mut peak_kb = 0u64;
+    let mut faults = [0usize; 3];
+    let mut i = 0usize;
+    while started.elapsed() < run_for {
+        // Let traffic flow between faults.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        match i % 3 {
+            0 => {
+                proxy.hold_acks();
+                col.wait_ids(&proxy.client_acked(), LONG).await;
+                kill_broker(&mut mosquitto);
+                proxy.cut();
+                restart_broker(&mut mosquitto);
+                sub.wait_ready().await;
+                proxy.pass();
+            }
+            1 => {
+                proxy.cut();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                proxy.pass();
+            }
+            _ => {
+                if let Some(kb) = agent.pid().and_then(peak_rss_kb) {
+                    peak_kb = peak_kb.max(kb);
+                }
+                restart_agent(&mut agent);
+            }
+        }
+        faults[i % 3] += 1;
+        i += 1;
+    }
+    let (http_generated, mut acked) = ingest.finish().await;
+    stop_device.send_replace(true);
+    let records = device.await.unwrap();
+    let device_cleared = tokio::time::timeout(Duration::from_secs(120), async {
+        while sim.new_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok();
+    // A device record is acknowledged once its new-flag was cleared.
+    let device_ids: HashSet<String> = records.iter().map(|r| anviz_id("north", r)).collect();
+    if device_cleared {
+        acked.extend(device_ids.iter().cloned());
+    }
+    let missing = col.missing_after(&acked, Duration::from_secs(300)).await;
+    let s = if missing == 0 {
+        vec![sentinel(&api, &agent, &col, "sentinel").await]
+    } else {
+        Vec::new()
+    };
+    if let Some(kb) = agent.pid().and_then(peak_rss_kb) {
+        peak_kb = peak_kb.max(kb);
+    }
+    let counts = col.counts();
+    let (delivered, duplicates, lost) = summary("soak", i, &acked, &counts, &s);
+    println!(
+        "soak: minutes={minutes} faults={i} (broker_kills={} uplink_cuts={} agent_kills={}) generated={} acknowledged={} delivered={delivered} duplicated={duplicates} lost={lost} device_cleared={device_cleared} peak_rss_kb={peak_kb}",
+        faults[0],
+        faults[1],
+        faults[2],
+        http_generated + records.len() as u64,
+        acked.len(),
+    );
+    assert!(device_cleared, "the terminal still has uncleared records");
+    assert_eq!(lost, 0, "acknowledged clockings were not delivered");
 }
