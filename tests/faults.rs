@@ -538,7 +538,7 @@ async fn anviz_link_cut_mid_backfill_then_every_record_delivered_once() {
         .map(|i| anviz_record(2000 + i % 500, i as i64))
         .collect();
     for r in &records {
-        sim.add_record(r.clone(), false);
+        sim.add_record(*r, false);
     }
     let sim_addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let proxy = Proxy::start_raw(sim_addr).await;
@@ -887,7 +887,7 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
     let refused = api.metric(&agent, "badgegate_store_full_total").await;
     let records: Vec<Record> = (0..300).map(|i| anviz_record(3000 + i, i as i64)).collect();
     for r in &records {
-        sim.add_record(r.clone(), false);
+        sim.add_record(*r, false);
     }
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
@@ -1015,7 +1015,7 @@ async fn soak() {
                     _ = device_stopped.changed() => break,
                 }
                 let r = anviz_record(100_000 + i, i as i64);
-                sim.add_record(r.clone(), i % 2 == 0);
+                sim.add_record(r, i % 2 == 0);
                 records.push(r);
             }
             records

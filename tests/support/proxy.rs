@@ -244,8 +244,11 @@ struct Conn {
     /// Set once this connection is to be closed (a PUBLISH cut).
     cut: Arc<watch::Sender<bool>>,
     /// The PUBLISH whose PUBACK is withheld; once set, nothing more reaches the client.
-    target_pkid: Arc<Mutex<Option<(u16, String, Option<String>)>>>,
+    target_pkid: Arc<Mutex<Option<Target>>>,
 }
+
+/// The withheld PUBLISH: packet id, topic, clocking id.
+type Target = (u16, String, Option<String>);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
