@@ -18,8 +18,8 @@
 pub mod access;
 pub mod writer;
 
-use std::path::{Path, PathBuf};
 use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
@@ -641,9 +641,7 @@ impl Deref for Db<'_> {
 fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
     // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
     // come from the OS page cache, and the hot part (the outbox head) stays cached.
-    Database::builder()
-        .set_cache_size(CACHE_BYTES)
-        .create(path)
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
