@@ -1088,6 +1088,18 @@ async fn soak() {
         http_generated + records.len() as u64,
         acked.len(),
     );
+    if lost > 0 {
+        // Triage: from the terminal or HTTP, and did the broker / the agent see a PUBACK for it?
+        let (server, client) = (proxy.server_acked(), proxy.client_acked());
+        for id in acked.iter().filter(|id| !counts.contains_key(*id)).take(20) {
+            println!(
+                "soak: lost {id} from_device={} broker_acked={} agent_got_puback={}",
+                device_ids.contains(id),
+                server.contains(id),
+                client.contains(id)
+            );
+        }
+    }
     assert!(device_cleared, "the terminal still has uncleared records");
     assert_eq!(lost, 0, "acknowledged clockings were not delivered");
 }
