@@ -261,7 +261,7 @@ pub(crate) fn prune(
 impl Store {
     /// Every held presence, as (subject, value).
     pub fn presence_rows(&self, mut each: impl FnMut(&str, &[u8])) -> Result<(), StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(PRESENCE).map_err(StoreError::from_redb)?;
         for entry in t.iter().map_err(StoreError::from_redb)? {
@@ -273,7 +273,7 @@ impl Store {
 
     /// Transitions this gateway decided that the site topic has not acknowledged yet.
     pub fn unsent_presence(&self) -> Result<Vec<(String, [u8; 16])>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn
             .open_table(PRESENCE_UNSENT)
@@ -288,7 +288,7 @@ impl Store {
 
     /// Every stored person, as (origin, value).
     pub fn people_rows(&self, mut each: impl FnMut(u8, &[u8])) -> Result<(), StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(PEOPLE).map_err(StoreError::from_redb)?;
         for entry in t.iter().map_err(StoreError::from_redb)? {
@@ -300,7 +300,7 @@ impl Store {
 
     /// Every stored shift, as (person, value).
     pub fn shift_rows(&self, mut each: impl FnMut(&str, &[u8])) -> Result<(), StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(SHIFTS).map_err(StoreError::from_redb)?;
         for entry in t.iter().map_err(StoreError::from_redb)? {
@@ -313,7 +313,7 @@ impl Store {
     /// UnknownBadge clockings held for re-publishing, by badge (for tests and tools).
     pub fn unknown_badge_count(&self) -> Result<u64, StoreError> {
         use redb::ReadableTableMetadata;
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn
             .open_table(UNKNOWN_BADGES)

@@ -18,6 +18,7 @@
 pub mod access;
 pub mod writer;
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
@@ -214,8 +215,9 @@ pub struct SinkStats {
 
 /// The durable store. Cheap to share behind an `Arc`; reads run on the caller's thread.
 pub struct Store {
-    /// Shared by every reader and the writer; taken exclusively only to compact the file.
-    db: RwLock<Database>,
+    /// Shared by every reader and the writer; taken exclusively only to compact the file or to
+    /// reopen it after an I/O error. `None` while a reopen failed (it is retried on next use).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
     sinks: Vec<SinkId>,
 }
@@ -234,12 +236,7 @@ impl Store {
             ))
         })?;
         let path = data_dir.join(Self::FILE_NAME);
-        // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
-        // come from the OS page cache, and the hot part (the outbox head) stays cached.
-        let db = match Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-        {
+        let db = match open_db(&path) {
             Ok(db) => db,
             Err(e) => {
                 return Err(match open_error(&path, e) {
@@ -249,7 +246,7 @@ impl Store {
             }
         };
         let store = Store {
-            db: RwLock::new(db),
+            db: RwLock::new(Some(db)),
             path,
             sinks: sinks.to_vec(),
         };
@@ -258,7 +255,7 @@ impl Store {
     }
 
     fn init_tables(&self) -> Result<(), StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_write().map_err(StoreError::from_redb)?;
         {
             txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
@@ -345,10 +342,55 @@ impl Store {
         &self.sinks
     }
 
-    /// The database, for one transaction: hold the guard as long as the transaction.
-    pub(crate) fn db(&self) -> RwLockReadGuard<'_, Database> {
+    /// The database, for one transaction: hold the guard as long as the transaction. Opens it
+    /// again first if an earlier reopen failed.
+    pub(crate) fn db(&self) -> Result<Db<'_>, StoreError> {
         // With panic = abort a poisoned lock cannot be observed; in tests, carry on.
-        self.db.read().unwrap_or_else(|e| e.into_inner())
+        let g = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return Ok(Db(g));
+        }
+        drop(g);
+        {
+            let mut w = self.db.write().unwrap_or_else(|e| e.into_inner());
+            if w.is_none() {
+                *w = Some(open_db(&self.path).map_err(|e| open_error(&self.path, e))?);
+                tracing::info!(path = %self.path.display(), "store reopened");
+            }
+        }
+        Ok(Db(self.db.read().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// Whether the database refuses all work after an I/O error (redb then answers every
+    /// operation with "previous I/O error" until it is closed and opened again), or is closed
+    /// because reopening it failed. Only for the writer thread: it starts a write transaction.
+    pub(crate) fn needs_reopen(&self) -> bool {
+        let Ok(db) = self.db() else {
+            return true;
+        };
+        match db.begin_write() {
+            Ok(txn) => {
+                let _ = txn.abort();
+                false
+            }
+            Err(e) => matches!(
+                e,
+                redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+            ),
+        }
+    }
+
+    /// Close the database and open it again (redb runs its crash recovery on open). A full disk
+    /// poisons the open database; without this the agent would refuse every clocking, and stop
+    /// forwarding its backlog, until restarted, even after space was freed. If opening fails
+    /// (still no space), the next use tries again.
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
+        let mut w = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Dropped first: it holds the file lock.
+        *w = None;
+        *w = Some(open_db(&self.path).map_err(|e| open_error(&self.path, e))?);
+        tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
+        Ok(())
     }
 
     /// Give freed space back to the file system. redb reuses freed pages but never returns them,
@@ -361,7 +403,7 @@ impl Store {
             return Ok(None);
         }
         {
-            let db = self.db();
+            let db = self.db()?;
             // Cheap test first: the outbox length is kept in the tree root.
             let read = db.begin_read().map_err(StoreError::from_redb)?;
             let empty = read
@@ -383,7 +425,11 @@ impl Store {
             }
         }
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
-        db.compact()
+        let Some(db_mut) = db.as_mut() else {
+            return Ok(None);
+        };
+        db_mut
+            .compact()
             .map_err(|e| StoreError::Io(format!("compaction failed: {e}")))?;
         drop(db);
         Ok(Some((before, file_len(&self.path))))
@@ -396,7 +442,7 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Clocking)>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let pending = txn
             .open_table(sink.table())
@@ -446,7 +492,7 @@ impl Store {
 
     /// Pending counts, oldest pending age and store size.
     pub fn stats(&self) -> Result<QueueStats, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
         let now = Utc::now();
@@ -489,7 +535,7 @@ impl Store {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
         let mut pending = Vec::new();
@@ -558,7 +604,7 @@ impl Store {
         &self,
         sink: SinkId,
     ) -> Result<Vec<(u64, Clocking, DeadLetter)>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let dead = txn
             .open_table(sink.dead_table())
@@ -580,7 +626,7 @@ impl Store {
 
     /// Read a small state value (watermarks, tokens, …) written through the writer.
     pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
         Ok(t.get(key)
@@ -590,7 +636,7 @@ impl Store {
 
     /// Is a clocking with this id stored or remembered?
     pub fn contains_id(&self, id: &crate::model::ClockingId) -> Result<bool, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
         let t = txn.open_table(IDS).map_err(StoreError::from_redb)?;
         Ok(t.get(id.0).map_err(StoreError::from_redb)?.is_some())
@@ -602,6 +648,24 @@ pub fn offline_stats(data_dir: &Path, sinks: &[SinkId]) -> Result<QueueStats, St
     // Opening for writing (not read-only) lets redb repair a store left by a crash; the lock
     // makes this fail cleanly with `Locked` while the agent runs.
     open_offline(data_dir, sinks)?.stats()
+}
+
+/// Read access to the open database, for one transaction.
+pub(crate) struct Db<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl Deref for Db<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        // `Store::db` hands out a guard only while the database is open.
+        self.0.as_ref().expect("store database is open")
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
+    // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
+    // come from the OS page cache, and the hot part (the outbox head) stays cached.
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {

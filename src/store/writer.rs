@@ -264,6 +264,7 @@ impl Writer {
             committed: committed_tx,
             last_prune: Instant::now(),
             last_compact_check: Instant::now(),
+            reopen_pending: false,
             access,
         };
         let thread = std::thread::Builder::new()
@@ -290,7 +291,7 @@ impl Writer {
 
 fn read_next_seq(store: &Store) -> Result<u64, StoreError> {
     use redb::ReadableDatabase;
-    let db = store.db();
+    let db = store.db()?;
     let txn = db.begin_read().map_err(StoreError::from_redb)?;
     let meta = txn.open_table(META).map_err(StoreError::from_redb)?;
     Ok(meta
@@ -311,6 +312,9 @@ struct WriterState {
     last_prune: Instant,
     last_compact_check: Instant,
     access: Option<Box<dyn AccessHook>>,
+    /// A commit failed with an I/O error that left the database refusing all work: reopen it
+    /// before the next write and on every idle tick until that succeeds.
+    reopen_pending: bool,
 }
 
 impl WriterState {
@@ -340,6 +344,9 @@ impl WriterState {
     }
 
     fn idle(&mut self) {
+        if self.reopen_pending {
+            self.reopen();
+        }
         if self.last_compact_check.elapsed() > COMPACT_CHECK_EVERY {
             self.last_compact_check = Instant::now();
             match self.store.compact_if_worthwhile(COMPACT_MIN_BYTES) {
@@ -362,10 +369,29 @@ impl WriterState {
         }
     }
 
+    /// Reopen the database if it refuses all work since an I/O error (e.g. a full disk).
+    fn reopen(&mut self) {
+        if !self.store.needs_reopen() {
+            self.reopen_pending = false;
+            return;
+        }
+        match self.store.reopen() {
+            Ok(()) => self.reopen_pending = false,
+            Err(e) => tracing::warn!(error = %e, "reopening the store failed; will retry"),
+        }
+    }
+
     fn commit_batch(&mut self, ops: Vec<Op>) {
         let seq_before = self.next_seq;
         let mut ops = ops;
+        if self.reopen_pending {
+            self.reopen();
+        }
         let result = self.write(&mut ops);
+        if result.is_err() && self.store.needs_reopen() {
+            self.reopen_pending = true;
+            self.reopen();
+        }
         if let Some(hook) = self.access.as_mut() {
             hook.finished(result.is_ok());
         }
@@ -426,7 +452,7 @@ impl WriterState {
         if new_clockings > 0 {
             self.check_space(new_clockings)?;
         }
-        let db = self.store.db();
+        let db = self.store.db()?;
         let mut txn = db.begin_write().map_err(StoreError::from_redb)?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Io(e.to_string()))?;
@@ -651,7 +677,7 @@ impl WriterState {
         let used = match self.cached_used {
             Some((used, at)) if at.elapsed() < Duration::from_secs(2) => used,
             _ => {
-                let db = self.store.db();
+                let db = self.store.db()?;
                 let txn = db.begin_write().map_err(StoreError::from_redb)?;
                 let stats = txn.stats().map_err(StoreError::from_redb)?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
@@ -671,7 +697,7 @@ impl WriterState {
     /// Forget ids whose dedupe window has passed, unless their clocking is still undelivered.
     fn prune_ids(&mut self) -> Result<(), StoreError> {
         let now = Utc::now().timestamp().max(0) as u64;
-        let db = self.store.db();
+        let db = self.store.db()?;
         let txn = db.begin_write().map_err(StoreError::from_redb)?;
         {
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
