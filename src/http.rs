@@ -497,6 +497,7 @@ async fn healthz(State(st): State<ApiState>) -> Response {
         "store": {
             "writable": writable,
             "error": store_error.or_else(|| stats.as_ref().err().map(|e| e.to_string())),
+            "unsynced_confirmations": st.writer.unsynced_confirmations(),
         },
     });
     body["delivered"] = json!({

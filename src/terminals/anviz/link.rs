@@ -13,6 +13,7 @@
 //! - every request has a timeout; a broken link reconnects with backoff. Each terminal runs in
 //!   its own task, so one broken terminal never stalls another.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ use crate::metrics::TerminalHealth;
 use crate::model::{local_to_instant, Direction, NewClocking, Source};
 use crate::store::StoreError;
 
+/// How long a record cleared by backfill is remembered, so that a late real-time push of it is
+/// not taken for a record still flagged on the terminal.
+const CLEARED_KEPT: Duration = Duration::from_secs(120);
 /// Records downloaded per commit-and-clear round.
 const ROUND: usize = 500;
 /// Backfill progress is logged this often.
@@ -222,6 +226,11 @@ impl AnvizLink {
         let mut backfill_due = true;
         // Real-time records committed since the last clear; they still carry their new-flag.
         let mut unacked_pushes = 0usize;
+        // Records a backfill downloaded and cleared, with when: a real-time push of one of them
+        // may still arrive (queued, or sent by the terminal after the download answer) and must
+        // not count as unacknowledged, or a later clear-by-count would clear a record nobody
+        // stored. Kept for CLEARED_KEPT.
+        let mut cleared: HashMap<Record, Instant> = HashMap::new();
         let mut keepalive = tokio::time::interval(timing.keepalive);
         let mut backfill_tick = tokio::time::interval(timing.backfill_interval);
         let mut clock_tick = tokio::time::interval(timing.clock_sync_interval);
@@ -232,7 +241,10 @@ impl AnvizLink {
         loop {
             if backfill_due {
                 backfill_due = false;
-                match self.acknowledge(conn, &mut unacked_pushes).await {
+                match self
+                    .acknowledge(conn, &mut unacked_pushes, &mut cleared)
+                    .await
+                {
                     Ok(_) => {}
                     // The store refused: leave the records on the device, retry later.
                     Err(LinkError::Store(e)) => {
@@ -250,10 +262,14 @@ impl AnvizLink {
                         records.push(r);
                     }
                     let n = records.len() as u64;
+                    let still_flagged = records
+                        .iter()
+                        .filter(|r| cleared.remove(*r).is_none())
+                        .count();
                     match self.commit(records).await {
                         Ok(()) => {
                             self.health.realtime_records.fetch_add(n, Ordering::Relaxed);
-                            unacked_pushes += n as usize;
+                            unacked_pushes += still_flagged;
                         }
                         Err(e) => {
                             tracing::warn!(terminal = %self.term.id, error = %e, "real-time records not stored; they stay on the terminal for backfill");
@@ -290,7 +306,9 @@ impl AnvizLink {
         &self,
         conn: &mut Conn,
         unacked_pushes: &mut usize,
+        cleared: &mut HashMap<Record, Instant>,
     ) -> Result<usize, LinkError> {
+        cleared.retain(|_, at| at.elapsed() < CLEARED_KEPT);
         if *unacked_pushes > 0 {
             let counts = self.counts(conn).await?;
             if counts.new_records as usize == *unacked_pushes {
@@ -305,13 +323,18 @@ impl AnvizLink {
                 return Ok(n);
             }
         }
-        let n = self.backfill(conn).await?;
+        let n = self.backfill(conn, cleared).await?;
         *unacked_pushes = 0;
         Ok(n)
     }
 
     /// Download, commit, then acknowledge, round after round until the device has nothing new.
-    async fn backfill(&self, conn: &mut Conn) -> Result<usize, LinkError> {
+    /// Every record cleared goes into `cleared`.
+    async fn backfill(
+        &self,
+        conn: &mut Conn,
+        cleared: &mut HashMap<Record, Instant>,
+    ) -> Result<usize, LinkError> {
         let started = Instant::now();
         let mut last_progress = Instant::now();
         let mut total = 0usize;
@@ -333,15 +356,17 @@ impl AnvizLink {
                 break;
             }
             let n = records.len();
-            self.commit(records).await?;
+            self.commit(records.clone()).await?;
             // Only now, with the records durable, may the terminal forget them.
-            let cleared = conn
+            let answer = conn
                 .ok(
                     cmd::CLEAR_RECORDS,
                     ClearRequest::NewFlags(n as u32).encode()?.to_vec(),
                 )
                 .await?;
-            if let Ok(Some(c)) = codec::decode_clear_answer(&cleared.data) {
+            let now = Instant::now();
+            cleared.extend(records.into_iter().map(|r| (r, now)));
+            if let Ok(Some(c)) = codec::decode_clear_answer(&answer.data) {
                 if c as usize != n {
                     tracing::warn!(terminal = %self.term.id, asked = n, cleared = c, "terminal cleared a different number of flags");
                 }
