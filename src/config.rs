@@ -17,6 +17,8 @@ use crate::model::{AccessStatus, Direction};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/badgegate/badgegate.toml";
 /// The contract's limit on one ingest request.
 pub const MAX_BATCH: usize = 1000;
+/// Largest secret file accepted (tokens, passwords, keys are far smaller).
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
 /// One thing wrong with a configuration, naming the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -674,6 +676,26 @@ impl Validator {
             return None;
         };
         let path = self.resolve(path);
+        // A secret is a small regular file (a systemd credential): a device or pipe (/dev/zero)
+        // would block or exhaust memory, a huge file is a mistake.
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => {
+                self.problem(key, format!("{} is not a regular file", path.display()));
+                return None;
+            }
+            Ok(m) if m.len() > MAX_SECRET_BYTES => {
+                self.problem(
+                    key,
+                    format!(
+                        "{} is {} bytes; a secret file holds at most {MAX_SECRET_BYTES}",
+                        path.display(),
+                        m.len()
+                    ),
+                );
+                return None;
+            }
+            _ => {}
+        }
         match std::fs::read_to_string(&path) {
             Ok(s) if s.trim().is_empty() => {
                 self.problem(key, format!("{} is empty", path.display()));
@@ -1400,6 +1422,22 @@ mod tests {
 
         let err = parse(&text).unwrap_err();
         assert_eq!(keys(err), vec!["mqtt.password_file".to_string()]);
+
+        // A device (it would never end) and an oversized file are refused, naming the key.
+        for (path, why) in [
+            ("/dev/zero".to_owned(), "not a regular file"),
+            ("big".to_owned(), "at most 65536"),
+        ] {
+            std::fs::write(dir.path().join("big"), vec![b'x'; 70_000]).unwrap();
+            let text = text.replace(
+                "password_file = \"pw\"",
+                &format!("password_file = {path:?}"),
+            );
+            let err = Config::parse(&text, dir.path()).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{:?}", err.0);
+            assert_eq!(err.0[0].key, "mqtt.password_file");
+            assert!(err.0[0].message.contains(why), "{:?}", err.0);
+        }
     }
 
     #[test]
