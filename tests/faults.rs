@@ -12,9 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use badgegate::fakes::protime::{
-    endpoint, FakeProtime, Person, Terminal, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
-};
+use badgegate::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
 use badgegate::fakes::Fault;
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use badgegate::terminals::anviz::codec::Record;
@@ -286,6 +284,25 @@ fn kill_broker(m: &mut Mosquitto) {
     tokio::task::block_in_place(|| m.kill());
 }
 
+/// kill -9 the broker and start it again without the broker's own losses: PUBACKs are held
+/// first and the subscriber must have everything the agent saw acknowledged (Mosquitto runs
+/// without persistence), and the agent is kept away until the subscriber is back, so the test
+/// sees every delivery.
+async fn kill_and_restart_broker(
+    proxy: &Proxy,
+    col: &Collector,
+    mosquitto: &mut Mosquitto,
+    sub: &mut Subscriber,
+) {
+    proxy.hold_acks();
+    col.wait_ids(&proxy.client_acked(), LONG).await;
+    kill_broker(mosquitto);
+    proxy.cut();
+    restart_broker(mosquitto);
+    sub.wait_ready().await;
+    proxy.pass();
+}
+
 /// The agent's peak resident set (VmHWM) in kB.
 fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -408,14 +425,7 @@ async fn broker_killed_in_a_loop_during_heavy_ingest_loses_nothing() {
         // the agent saw acknowledged, whatever the broker loses in the kill is still in flight
         // at the agent (Mosquitto runs without persistence: a message it acknowledged and had
         // not passed on yet would be the broker's loss, not the agent's).
-        proxy.hold_acks();
-        col.wait_ids(&proxy.client_acked(), LONG).await;
-        kill_broker(&mut mosquitto);
-        // Keep the agent away until the subscriber is back, so the test sees every delivery.
-        proxy.cut();
-        restart_broker(&mut mosquitto);
-        sub.wait_ready().await;
-        proxy.pass();
+        kill_and_restart_broker(&proxy, &col, &mut mosquitto, &mut sub).await;
     }
     ingest.wait_acked(3000, LONG).await;
     let (generated, acked) = ingest.finish().await;
@@ -651,16 +661,7 @@ async fn protime_failing_with_500_garbage_and_slow_answers_keeps_every_clocking(
         });
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("protime-secret"),
-        format!("{DEFAULT_CLIENT_SECRET}\n"),
-    )
-    .unwrap();
-    let sink = format!(
-        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
-        fake.base_url(),
-        fake.token_url()
-    );
+    let sink = protime_sink(dir.path(), &fake);
     let mut sub = Subscriber::start(mosquitto.addr(), CLOCKINGS).await;
     let col = Collector::start(&mut sub);
     wire.fail_next_on(endpoint::POST_CLOCKINGS, 100_000, Fault::InternalError);
@@ -1031,13 +1032,7 @@ async fn soak() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         match i % 3 {
             0 => {
-                proxy.hold_acks();
-                col.wait_ids(&proxy.client_acked(), LONG).await;
-                kill_broker(&mut mosquitto);
-                proxy.cut();
-                restart_broker(&mut mosquitto);
-                sub.wait_ready().await;
-                proxy.pass();
+                kill_and_restart_broker(&proxy, &col, &mut mosquitto, &mut sub).await;
             }
             1 => {
                 proxy.cut();

@@ -5,9 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use badgegate::fakes::protime::{
-    endpoint, FakeProtime, Person, Terminal, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
-};
+use badgegate::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
 use badgegate::fakes::Fault;
 use serde_json::Value;
 use support::*;
@@ -38,16 +36,7 @@ async fn rig() -> Rig {
         external_code: "gate-2".into(),
     });
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("protime-secret"),
-        format!("{DEFAULT_CLIENT_SECRET}\n"),
-    )
-    .unwrap();
-    let sink = format!(
-        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
-        fake.base_url(),
-        fake.token_url()
-    );
+    let sink = protime_sink(dir.path(), &fake);
     let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &sink);
     Rig {
         _mosquitto: mosquitto,

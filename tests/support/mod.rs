@@ -180,6 +180,21 @@ timezone = "America/New_York"
     )
 }
 
+/// A `[sinks.protime]` section for `fake`, its client secret written into `dir`.
+pub fn protime_sink(dir: &Path, fake: &badgegate::fakes::protime::FakeProtime) -> String {
+    use badgegate::fakes::protime::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
+    std::fs::write(
+        dir.join("protime-secret"),
+        format!("{DEFAULT_CLIENT_SECRET}\n"),
+    )
+    .unwrap();
+    format!(
+        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
+        fake.base_url(),
+        fake.token_url()
+    )
+}
+
 pub fn badgegate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_badgegate"))
 }
