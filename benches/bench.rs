@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use badgegate::demo::proxy::{LinkMode, Uplink};
+use badgegate::kit::demo::proxy::{LinkMode, Uplink};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{json, Value};
 use support::*;

@@ -11,13 +11,12 @@ pub mod cli;
 pub mod clouds;
 pub mod config;
 mod config_keys;
-pub mod demo;
-pub mod fakes;
-/// Fuzz entry points, shared by `fuzz/` and `tests/fuzz_corpus.rs`; not an API.
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod http;
 pub mod ingest;
+/// The test kit (fake clouds, TC-B simulator, demo scene, relay, fuzz entry points): not
+/// product. Only in builds with the `kit` feature (the default); the gateway builds leave it out.
+#[cfg(feature = "kit")]
+pub mod kit;
 pub mod localhttp;
 pub mod metrics;
 pub mod model;

@@ -28,18 +28,7 @@ fn main() -> ExitCode {
     let format = cli.log_format;
     match cli.command {
         Command::Run { config } => run(&config, format),
-        Command::Demo { duration } => {
-            init_tracing("warn", format);
-            with_runtime(|| async move {
-                match badgegate::demo::run(Duration::from_secs(duration)).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("demo failed: {e:#}");
-                        ExitCode::from(EXIT_FAILURE)
-                    }
-                }
-            })
-        }
+        Command::Demo { duration } => demo(duration, format),
         Command::CheckConfig { config } => check_config(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Zones { config, zone, json } => zones(&config, zone.as_deref(), json),
@@ -56,6 +45,32 @@ fn main() -> ExitCode {
             QueueCommand::ReplayDeadLetters { config, sink } => queue_replay(&config, &sink),
         },
     }
+}
+
+#[cfg(feature = "kit")]
+fn demo(duration: u64, format: LogFormat) -> ExitCode {
+    init_tracing("warn", format);
+    with_runtime(|| async move {
+        match badgegate::kit::demo::run(Duration::from_secs(duration)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo failed: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
+}
+
+/// The gateway build carries no demo kit (no fake clouds, no simulator, no embedded broker).
+#[cfg(not(feature = "kit"))]
+fn demo(_duration: u64, _format: LogFormat) -> ExitCode {
+    eprintln!(
+        "this badgegate is a gateway build without the demo kit.\n\
+         To run the demo, build from the source tree with the default features:\n  \
+         cargo run -- demo\n\
+         (the gateway packages are built with --no-default-features and contain no fakes)"
+    );
+    ExitCode::from(EXIT_USAGE)
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {

@@ -7,11 +7,11 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use badgegate::fakes::aktion::{
+use badgegate::kit::fakes::aktion::{
     endpoint, AktionControl, FakeAktion, HwEvent, OffsetSuffix, Person, Shift, DEFAULT_API_KEY,
     DEFAULT_USER_LOGIN,
 };
-use badgegate::fakes::Fault;
+use badgegate::kit::fakes::Fault;
 use badgegate::model::{ClockingId, Direction};
 use chrono::{DateTime, Utc};
 use serde_json::Value;

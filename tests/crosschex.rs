@@ -7,10 +7,10 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use badgegate::fakes::crosschex::{
+use badgegate::kit::fakes::crosschex::{
     endpoint, CrossChexControl, FakeCrossChex, Record, Shape, DEFAULT_API_KEY, DEFAULT_API_SECRET,
 };
-use badgegate::fakes::Fault;
+use badgegate::kit::fakes::Fault;
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use chrono::{NaiveDateTime, Timelike};
 use serde_json::Value;

@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use badgegate::demo::proxy::{LinkMode, Uplink};
+use badgegate::kit::demo::proxy::{LinkMode, Uplink};
 use serde_json::Value;
 use support::*;
 

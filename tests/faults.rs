@@ -12,11 +12,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use badgegate::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
-use badgegate::fakes::Fault;
+use badgegate::kit::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
+use badgegate::kit::fakes::Fault;
+use badgegate::kit::simulator::{Simulator, SimulatorConfig};
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use badgegate::terminals::anviz::codec::Record;
-use badgegate::terminals::simulator::{Simulator, SimulatorConfig};
 use chrono::{NaiveDate, NaiveDateTime};
 use serde_json::Value;
 use support::proxy::{self, Proxy};

@@ -1,5 +1,5 @@
 //! The fuzz seeds and every crash the fuzzer ever found, replayed on stable through the same
-//! functions the cargo-fuzz targets call (`badgegate::fuzzing`). `scripts/fuzz` does the
+//! functions the cargo-fuzz targets call (`badgegate::kit::fuzzing`). `scripts/fuzz` does the
 //! fuzzing; this keeps what it found fixed.
 
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn every_seed_and_regression_input_passes_its_target() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut ran = 0;
-    for (name, target) in badgegate::fuzzing::TARGETS {
+    for (name, target) in badgegate::kit::fuzzing::TARGETS {
         let seeds = files(&root.join("corpus").join(name));
         assert!(
             !seeds.is_empty(),
@@ -41,7 +41,7 @@ fn every_seed_and_regression_input_passes_its_target() {
 fn every_target_has_a_fuzz_target_file() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("fuzz/Cargo.toml");
-    for (name, _) in badgegate::fuzzing::TARGETS {
+    for (name, _) in badgegate::kit::fuzzing::TARGETS {
         assert!(
             manifest.contains(&format!("name = \"{name}\"")),
             "fuzz/Cargo.toml has no [[bin]] {name}"
@@ -50,8 +50,8 @@ fn every_target_has_a_fuzz_target_file() {
         let text =
             std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         assert!(
-            text.contains(&format!("badgegate::fuzzing::{name}(")),
-            "{} does not call badgegate::fuzzing::{name}",
+            text.contains(&format!("badgegate::kit::fuzzing::{name}(")),
+            "{} does not call badgegate::kit::fuzzing::{name}",
             file.display()
         );
     }

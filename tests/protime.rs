@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use badgegate::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
-use badgegate::fakes::Fault;
+use badgegate::kit::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
+use badgegate::kit::fakes::Fault;
 use serde_json::Value;
 use support::*;
 

@@ -7,11 +7,11 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use badgegate::fakes::protime::{
+use badgegate::kit::fakes::protime::{
     endpoint, AccessClockingSpec, AccessStatus, FakeProtime, ProtimeControl, Terminal,
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
 };
-use badgegate::fakes::Fault;
+use badgegate::kit::fakes::Fault;
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use chrono::{NaiveDate, NaiveTime};
 use support::*;

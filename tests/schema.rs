@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use badgegate::kit::simulator::{Simulator, SimulatorConfig};
 use badgegate::model::{ClockingId, Direction};
 use badgegate::terminals::anviz::codec::Record;
-use badgegate::terminals::simulator::{Simulator, SimulatorConfig};
 use chrono::{DateTime, NaiveDate, Timelike};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};

@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use badgegate::demo::proxy::Uplink;
+use badgegate::kit::demo::proxy::Uplink;
+use badgegate::kit::simulator::{Simulator, SimulatorConfig};
 use badgegate::terminals::anviz::codec::Record;
-use badgegate::terminals::simulator::{Simulator, SimulatorConfig};
 use chrono::{NaiveDate, NaiveDateTime};
 use serde_json::Value;
 use support::*;

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::fuzzing::aktion_answer(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::kit::fuzzing::aktion_answer(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::fuzzing::crosschex_answer(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::kit::fuzzing::crosschex_answer(data));

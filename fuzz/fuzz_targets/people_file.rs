@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::fuzzing::people_file(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::kit::fuzzing::people_file(data));

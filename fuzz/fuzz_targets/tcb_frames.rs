@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::fuzzing::tcb_frames(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| badgegate::kit::fuzzing::tcb_frames(data));

@@ -667,13 +667,13 @@ struct EventsPage {
     last_sync: Option<DateTime<FixedOffset>>,
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kit"))]
 pub(crate) mod tests {
     use super::*;
-    use crate::fakes::aktion::{
+    use crate::kit::fakes::aktion::{
         self as fake, endpoint, AktionControl, FakeAktion, HwEvent, OffsetSuffix,
     };
-    use crate::fakes::Fault;
+    use crate::kit::fakes::Fault;
     use std::time::Instant;
 
     pub(crate) fn fast_options() -> HttpOptions {

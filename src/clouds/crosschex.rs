@@ -534,13 +534,13 @@ fn parse_record(r: &Value) -> Result<CrossChexRecord, String> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kit"))]
 pub(crate) mod tests {
     use super::*;
-    use crate::fakes::crosschex::{
+    use crate::kit::fakes::crosschex::{
         self as fake, endpoint, CrossChexControl, FakeCrossChex, Record, Shape, UuidMode,
     };
-    use crate::fakes::Fault;
+    use crate::kit::fakes::Fault;
     use std::time::Instant;
 
     pub(crate) fn fast_options() -> HttpOptions {

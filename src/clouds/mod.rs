@@ -18,7 +18,7 @@ pub use http::{
     install_crypto_provider, Api, CloudError, ErrorKind, HttpOptions, VendorAnswer, USER_AGENT,
 };
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kit"))]
 mod tests {
     //! Secrets never leak: every client runs through success and failure paths while a TRACE
     //! subscriber (and the `log` bridge, for reqwest/hyper) captures everything.
@@ -34,7 +34,7 @@ mod tests {
     use super::protime::{PersonRef, ProtimeClient, ProtimeClocking};
     use super::{CloudError, HttpOptions};
     use crate::config::Secret;
-    use crate::fakes::{aktion as fa, crosschex as fc, protime as fp, Fault};
+    use crate::kit::fakes::{aktion as fa, crosschex as fc, protime as fp, Fault};
 
     const PROTIME_SECRET: &str = "pt-client-secret-7f3a91";
     const CROSSCHEX_SECRET: &str = "cc0ffee0ddba11deadbeef0123456789";

@@ -846,13 +846,13 @@ fn parse_access_clocking(v: &Value) -> Result<AccessClocking, String> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kit"))]
 pub(crate) mod tests {
     use super::*;
-    use crate::fakes::protime::{
+    use crate::kit::fakes::protime::{
         self as fake, endpoint, AccessClockingSpec, FakeProtime, PostAnswer, ProtimeControl,
     };
-    use crate::fakes::Fault;
+    use crate::kit::fakes::Fault;
     use std::time::Instant;
 
     /// Short pacing so tests run fast; the logic is the production one.

@@ -397,10 +397,10 @@ fn person(p: &AktionPerson) -> Person {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kit"))]
 mod tests {
     use super::*;
-    use crate::fakes::aktion::{self as fake, FakeAktion};
+    use crate::kit::fakes::aktion::{self as fake, FakeAktion};
     use crate::metrics::Metrics;
     use crate::store::{SinkId, Writer};
 

@@ -1,4 +1,3 @@
 //! Device links: terminals speaking their own protocols to the agent.
 
 pub mod anviz;
-pub mod simulator;

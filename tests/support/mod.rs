@@ -181,8 +181,8 @@ timezone = "America/New_York"
 }
 
 /// A `[sinks.protime]` section for `fake`, its client secret written into `dir`.
-pub fn protime_sink(dir: &Path, fake: &badgegate::fakes::protime::FakeProtime) -> String {
-    use badgegate::fakes::protime::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
+pub fn protime_sink(dir: &Path, fake: &badgegate::kit::fakes::protime::FakeProtime) -> String {
+    use badgegate::kit::fakes::protime::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET};
     std::fs::write(
         dir.join("protime-secret"),
         format!("{DEFAULT_CLIENT_SECRET}\n"),

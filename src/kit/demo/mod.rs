@@ -24,11 +24,11 @@ use tokio::sync::watch;
 
 use crate::app::Agent;
 use crate::config::Config;
-use crate::fakes::protime::FakeProtime;
+use crate::kit::fakes::protime::FakeProtime;
+use crate::kit::simulator::{Simulator, SimulatorConfig};
 use crate::localhttp;
 use crate::store::SinkId;
 use crate::terminals::anviz::codec::Record;
-use crate::terminals::simulator::{Simulator, SimulatorConfig};
 use broker::Broker;
 use clouds::DemoClouds;
 use proxy::Uplink;
@@ -49,7 +49,7 @@ fn demo_config(
 ) -> anyhow::Result<Config> {
     std::fs::write(
         data_dir.join("protime-secret"),
-        crate::fakes::protime::DEFAULT_CLIENT_SECRET,
+        crate::kit::fakes::protime::DEFAULT_CLIENT_SECRET,
     )
     .context("writing the demo's Protime secret")?;
     write_people(data_dir)?;
@@ -128,7 +128,7 @@ mirror_interval_secs = 1
         data_dir.display(),
         protime.base_url(),
         protime.token_url(),
-        crate::fakes::protime::DEFAULT_CLIENT_ID,
+        crate::kit::fakes::protime::DEFAULT_CLIENT_ID,
     );
     Config::parse(&text, data_dir).map_err(|e| anyhow::anyhow!("demo config: {e}"))
 }
@@ -542,7 +542,7 @@ async fn pending(agent: &Agent) -> (u64, u64) {
 /// The people and terminals the demo's Protime tenant knows. Badge 1399 is left out on purpose:
 /// its clockings are rejected and show up as dead letters.
 fn seed_protime(protime: &FakeProtime) {
-    use crate::fakes::protime::{Person, Terminal};
+    use crate::kit::fakes::protime::{Person, Terminal};
     let ctl = protime.control();
     for badge in (1000..1399).chain(5000..5050) {
         ctl.add_person(Person {

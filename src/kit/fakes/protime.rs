@@ -1580,7 +1580,7 @@ fn list_people(st: &mut State, req: &FakeRequest, query: &[(String, String)]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fakes::testutil::{client, with_query};
+    use crate::kit::fakes::testutil::{client, with_query};
     use serde_json::json;
 
     fn person(id: i64, badge: &str, emp: &str) -> Person {

@@ -586,7 +586,7 @@ fn record_json(s: &Stored, mode: UuidMode) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fakes::testutil::{base64url_decode, client};
+    use crate::kit::fakes::testutil::{base64url_decode, client};
 
     struct Env {
         fake: FakeCrossChex,

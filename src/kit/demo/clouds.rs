@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::Agent;
-use crate::fakes::aktion::{self as aktion, FakeAktion};
-use crate::fakes::crosschex::{self as crosschex, FakeCrossChex};
-use crate::fakes::protime::{self as protime, FakeProtime};
+use crate::kit::fakes::aktion::{self as aktion, FakeAktion};
+use crate::kit::fakes::crosschex::{self as crosschex, FakeCrossChex};
+use crate::kit::fakes::protime::{self as protime, FakeProtime};
 use crate::model::Source;
 
 const TZ: chrono_tz::Tz = chrono_tz::Europe::Brussels;

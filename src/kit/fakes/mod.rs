@@ -386,7 +386,7 @@ pub(crate) async fn serve<V: Vendor>(addr: SocketAddr, vendor: V) -> io::Result<
     };
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "fake cloud server stopped");
+            tracing::warn!(error = %e, marker = super::FAKES_MARKER, "fake cloud server stopped");
         }
     });
     Ok(Running { addr, wire, task })

@@ -1063,7 +1063,7 @@ fn passes(st: &State, params: &Params, by_person: bool) -> Result<Response, Box<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fakes::testutil::{client, with_query};
+    use crate::kit::fakes::testutil::{client, with_query};
     use serde_json::{json, Value};
 
     /// The seed page's application/json sample, byte for byte.
