@@ -182,4 +182,65 @@ mod tests {
         assert_eq!(h.status, Status::StoreUnwritable);
         assert_eq!(serde_json::to_string(&h).unwrap(), unreadable);
     }
+
+    /// Every section filled: its keys come out sorted at every level (the order serde_json's
+    /// map gave the document before it had types), and it reads back the same.
+    #[test]
+    fn a_full_document_keeps_sorted_keys_and_round_trips() {
+        let terminal = Terminal {
+            backfilled_records: 1,
+            clock_drift_secs: -2,
+            connected: false,
+            device_backlog: 3,
+            frames_rejected: 4,
+            last_error: Some("no answer".into()),
+            last_record_at: Some("2026-11-22T08:10:03.123+00:00".into()),
+            realtime_records: 5,
+        };
+        let source = Source {
+            clockings: 1,
+            errors: 2,
+            last_error: None,
+            last_success_at: None,
+            people: 3,
+            polls: 4,
+            position: Some("delta".into()),
+            shifts: 5,
+            skipped: 6,
+            up: true,
+        };
+        let h = Health {
+            dead_letters: Some(2),
+            delivered: [("mqtt".to_owned(), 7), ("protime".to_owned(), 1)].into(),
+            mqtt: Some(Mqtt {
+                access_connected: true,
+                connected: true,
+                in_flight: 3,
+                last_error: None,
+            }),
+            oldest_pending_age_secs: Some(Some(303.2)),
+            pending: Some([("mqtt".to_owned(), 5), ("protime".to_owned(), 0)].into()),
+            protime: Some(Protime {
+                last_error: Some("HTTP 503".into()),
+                reachable: false,
+            }),
+            site: "plant-1".into(),
+            sources: [("aktion".to_owned(), source)].into(),
+            status: Status::Ok,
+            store: Store {
+                bytes: Some(4096),
+                clockings: Some(5),
+                error: None,
+                unsynced_confirmations: 1,
+                writable: true,
+            },
+            terminals: [("gate-north".to_owned(), terminal)].into(),
+            version: "0.1.0".into(),
+            zones: [("production".to_owned(), 412), ("yard".to_owned(), 0)].into(),
+        };
+        let text = serde_json::to_string(&h).unwrap();
+        let sorted: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(text, sorted.to_string(), "keys in alphabetical order");
+        assert_eq!(serde_json::from_str::<Health>(&text).unwrap(), h);
+    }
 }
