@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::access::engine::parse_check;
 use crate::access::AccessEngine;
 use crate::config::Config;
+use crate::health::{self, Health};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::model::{AccessStatus, Direction, NewClocking, Source};
@@ -487,88 +488,85 @@ async fn stats(store: &Arc<Store>) -> Result<QueueStats, StoreError> {
 
 async fn healthz(State(st): State<ApiState>) -> Response {
     let stats = stats(&st.store).await;
+    let health = health(&st, stats);
+    let code = match health.status {
+        health::Status::Ok => StatusCode::OK,
+        health::Status::StoreUnwritable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, Json(health)).into_response()
+}
+
+/// The health document: the store (as `stats` read it), the uplinks, terminals, sources, zones.
+fn health(st: &ApiState, stats: Result<QueueStats, StoreError>) -> Health {
+    use std::sync::atomic::Ordering::Relaxed;
     let store_error = st.writer.last_error();
     let writable = store_error.is_none() && stats.is_ok();
-    let m = &st.metrics.mqtt;
-    let mut body = json!({
-        "status": if writable { "ok" } else { "store_unwritable" },
-        "site": st.config.agent.site,
-        "version": env!("CARGO_PKG_VERSION"),
-        "store": {
-            "writable": writable,
-            "error": store_error.or_else(|| stats.as_ref().err().map(|e| e.to_string())),
-            "unsynced_confirmations": st.writer.unsynced_confirmations(),
+    let m = &st.metrics;
+    let protime = st.config.sinks.protime.is_some();
+    let stats = stats.map_err(|e| e.to_string());
+    Health {
+        dead_letters: match &stats {
+            Ok(s) if protime => Some(s.sinks.iter().map(|k| k.dead_letters).sum()),
+            _ => None,
         },
-    });
-    body["delivered"] = json!({
-        "mqtt": m.delivered.load(std::sync::atomic::Ordering::Relaxed),
-        "protime": st.metrics.protime.delivered.load(std::sync::atomic::Ordering::Relaxed),
-    });
-    if st.config.sinks.protime.is_some() {
-        body["protime"] = json!({
-            "reachable": st.metrics.protime.connected.load(std::sync::atomic::Ordering::Relaxed),
-            "last_error": st.metrics.protime.last_error(),
-        });
-    }
-    if st.config.mqtt.is_some() {
-        body["mqtt"] = json!({
-            "connected": m.connected.load(std::sync::atomic::Ordering::Relaxed),
-            "last_error": m.last_error(),
-            "in_flight": m.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-            "access_connected": st.metrics.access.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed),
-        });
-    }
-    if !st.metrics.terminals.is_empty() {
-        body["terminals"] = st
-            .metrics
-            .terminals
-            .iter()
-            .map(|(id, t)| (id.clone(), t.to_json()))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-    }
-    if !st.metrics.sources.is_empty() {
-        body["sources"] = st
-            .metrics
+        delivered: [
+            ("mqtt".to_owned(), m.mqtt.delivered.load(Relaxed)),
+            ("protime".to_owned(), m.protime.delivered.load(Relaxed)),
+        ]
+        .into(),
+        mqtt: st.config.mqtt.is_some().then(|| health::Mqtt {
+            access_connected: m.access.mqtt_connected.load(Relaxed),
+            connected: m.mqtt.connected.load(Relaxed),
+            in_flight: m.mqtt.in_flight.load(Relaxed),
+            last_error: m.mqtt.last_error(),
+        }),
+        oldest_pending_age_secs: stats.as_ref().ok().map(|s| {
+            s.sinks
+                .iter()
+                .filter_map(|k| k.oldest_pending_age_secs)
+                .reduce(f64::max)
+        }),
+        pending: stats.as_ref().ok().map(|s| {
+            s.sinks
+                .iter()
+                .map(|k| (k.sink.clone(), k.pending))
+                .collect()
+        }),
+        protime: protime.then(|| health::Protime {
+            last_error: m.protime.last_error(),
+            reachable: m.protime.connected.load(Relaxed),
+        }),
+        site: st.config.agent.site.clone(),
+        sources: m
             .sources
             .iter()
-            .map(|(name, h)| ((*name).to_owned(), h.to_json()))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-    }
-    if !st.access.rules().zones.is_empty() {
-        body["zones"] = st
+            .map(|(name, h)| ((*name).to_owned(), health::Source::from(&**h)))
+            .collect(),
+        status: if writable {
+            health::Status::Ok
+        } else {
+            health::Status::StoreUnwritable
+        },
+        store: health::Store {
+            bytes: stats.as_ref().ok().map(|s| s.store_bytes),
+            clockings: stats.as_ref().ok().map(|s| s.clockings_stored),
+            error: store_error.or_else(|| stats.as_ref().err().cloned()),
+            unsynced_confirmations: st.writer.unsynced_confirmations(),
+            writable,
+        },
+        terminals: m
+            .terminals
+            .iter()
+            .map(|(id, t)| (id.clone(), health::Terminal::from(&**t)))
+            .collect(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        zones: st
             .access
             .zone_counts(chrono::Utc::now())
             .into_iter()
-            .map(|(z, n)| (z, json!(n)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
+            .map(|(z, n)| (z, n as u64))
+            .collect(),
     }
-    if let Ok(s) = &stats {
-        body["store"]["bytes"] = json!(s.store_bytes);
-        body["store"]["clockings"] = json!(s.clockings_stored);
-        body["pending"] = s
-            .sinks
-            .iter()
-            .map(|k| (k.sink.clone(), json!(k.pending)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        if st.config.sinks.protime.is_some() {
-            body["dead_letters"] = json!(s.sinks.iter().map(|k| k.dead_letters).sum::<u64>());
-        }
-        body["oldest_pending_age_secs"] = json!(s
-            .sinks
-            .iter()
-            .filter_map(|k| k.oldest_pending_age_secs)
-            .fold(None::<f64>, |a, b| Some(a.map_or(b, |a| a.max(b)))));
-    }
-    let code = if writable {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
@@ -580,37 +578,13 @@ async fn metrics(State(st): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Parse the query of `queue list` / `queue export`.
-pub fn queue_filter(q: &HashMap<String, String>) -> Result<QueueFilter, String> {
-    let time = |k: &str| -> Result<Option<DateTime<chrono::FixedOffset>>, String> {
-        q.get(k)
-            .map(|v| {
-                DateTime::parse_from_rfc3339(v)
-                    .map_err(|e| format!("{k} {v:?} is not RFC 3339 with an offset: {e}"))
-            })
-            .transpose()
-    };
-    let sink = match q.get("sink") {
-        None => None,
-        Some(s) => Some(
-            SinkId::from_name(s).ok_or_else(|| format!("unknown sink {s:?} (mqtt, protime)"))?,
-        ),
-    };
-    Ok(QueueFilter {
-        sink,
-        terminal: q.get("terminal").cloned(),
-        since: time("since")?,
-        until: time("until")?,
-    })
-}
-
 /// A page of stored clockings: `{"clockings":[...], "next_after": seq|null}`.
 async fn queue_clockings(
     State(st): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", m);
-    let filter = queue_filter(&q).map_err(bad)?;
+    let filter = QueueFilter::from_query(&q).map_err(bad)?;
     let after = match q.get("after") {
         Some(a) => Some(
             a.parse::<u64>()

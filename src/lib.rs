@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clouds;
 pub mod config;
 mod config_keys;
+pub mod health;
 pub mod http;
 pub mod ingest;
 /// The test kit (fake clouds, TC-B simulator, demo scene, relay, fuzz entry points): not
@@ -20,7 +21,7 @@ pub mod kit;
 pub mod localhttp;
 pub mod metrics;
 pub mod model;
-pub mod queue_tools;
+pub mod queue_filter;
 pub mod sinks;
 pub mod sources;
 pub mod status;

@@ -1,58 +1,59 @@
 //! `badgegate status`: a running agent at a glance, from its `/healthz`, in 80 columns.
 
-use serde_json::Value;
+use crate::health::{Health, Status};
 
 /// Render the health document (and the per-sink delivery rates measured by the caller) as text
 /// lines of at most 80 columns.
-pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
+pub fn render(h: &Health, rates: &[(String, f64)]) -> String {
     let mut out = Vec::new();
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
     out.push(format!(
         "badgegate {}  site {}  {}",
-        s(&h["version"]),
-        s(&h["site"]),
-        if h["status"] == "ok" { "OK" } else { "PROBLEM" }
+        h.version,
+        h.site,
+        if h.status == Status::Ok {
+            "OK"
+        } else {
+            "PROBLEM"
+        }
     ));
-    let store = &h["store"];
+    let store = &h.store;
     out.push(format!(
         "store      {}  {}  {} clockings held",
-        if store["writable"] == true {
+        if store.writable {
             "writable"
         } else {
             "NOT WRITABLE"
         },
-        human_bytes(store["bytes"].as_u64().unwrap_or(0)),
-        store["clockings"].as_u64().unwrap_or(0)
+        human_bytes(store.bytes.unwrap_or(0)),
+        store.clockings.unwrap_or(0)
     ));
-    if let Some(e) = store["error"].as_str() {
+    if let Some(e) = &store.error {
         out.push(fit("           error: ", e));
     }
-    if h["protime"].is_object() {
-        let p = &h["protime"];
+    if let Some(p) = &h.protime {
         out.push(format!(
             "protime    {}",
-            if p["reachable"] == true {
+            if p.reachable {
                 "reachable"
             } else {
                 "UNREACHABLE or refusing"
             }
         ));
-        if let Some(e) = p["last_error"].as_str() {
+        if let Some(e) = &p.last_error {
             out.push(fit("           last error: ", e));
         }
     }
-    if h["mqtt"].is_object() {
-        let m = &h["mqtt"];
+    if let Some(m) = &h.mqtt {
         out.push(format!(
             "uplink     mqtt {}  in flight {}",
-            if m["connected"] == true {
+            if m.connected {
                 "connected"
             } else {
                 "DISCONNECTED"
             },
-            m["in_flight"].as_u64().unwrap_or(0)
+            m.in_flight
         ));
-        if let Some(e) = m["last_error"].as_str() {
+        if let Some(e) = &m.last_error {
             out.push(fit("           last error: ", e));
         }
     }
@@ -60,86 +61,71 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
         "{:<10} {:<10} {:>10}  {:>14}  {:>10}  {:>8}",
         "sinks", "SINK", "PENDING", "OLDEST", "RATE/s", "ETA"
     ));
-    if let Some(pending) = h["pending"].as_object() {
-        for (sink, n) in pending {
-            let rate = rates.iter().find(|(k, _)| k == sink).map(|(_, r)| *r);
-            let pending = n.as_u64().unwrap_or(0);
-            let eta = match rate {
-                Some(r) if r > 0.0 && pending > 0 => human_secs(pending as f64 / r),
-                _ => "-".to_owned(),
-            };
-            out.push(format!(
-                "{:<10} {:<10} {:>10}  {:>14}  {:>10}  {:>8}",
-                "",
-                sink,
-                pending,
-                h["oldest_pending_age_secs"]
-                    .as_f64()
-                    .filter(|_| n.as_u64().unwrap_or(0) > 0)
-                    .map_or_else(|| "-".to_owned(), human_secs),
-                rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
-                eta
-            ));
-        }
+    let oldest = h.oldest_pending_age_secs.flatten();
+    for (sink, &pending) in h.pending.iter().flatten() {
+        let rate = rates.iter().find(|(k, _)| k == sink).map(|(_, r)| *r);
+        let eta = match rate {
+            Some(r) if r > 0.0 && pending > 0 => human_secs(pending as f64 / r),
+            _ => "-".to_owned(),
+        };
+        out.push(format!(
+            "{:<10} {:<10} {:>10}  {:>14}  {:>10}  {:>8}",
+            "",
+            sink,
+            pending,
+            oldest
+                .filter(|_| pending > 0)
+                .map_or_else(|| "-".to_owned(), human_secs),
+            rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}")),
+            eta
+        ));
     }
-    if let Some(terms) = h["terminals"].as_object() {
+    if !h.terminals.is_empty() {
         out.push(format!(
             "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
             "terminals", "ID", "LINK", "LAST RECORD", "ON DEV", "DRIFT", "BAD"
         ));
-        for (id, t) in terms {
-            let last = t["last_record_at"]
-                .as_str()
-                .map(|v| v.get(..19).unwrap_or(v).replace('T', " "))
-                .unwrap_or_else(|| "-".into());
-            out.push(format!(
-                "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
-                "",
-                clip(id, 14),
-                if t["connected"] == true { "up" } else { "DOWN" },
-                last,
-                t["device_backlog"].as_u64().unwrap_or(0),
-                format!("{:+}s", t["clock_drift_secs"].as_i64().unwrap_or(0)),
-                t["frames_rejected"].as_u64().unwrap_or(0)
-            ));
-            if t["connected"] != true {
-                if let Some(e) = t["last_error"].as_str() {
-                    out.push(fit(&" ".repeat(26), e));
-                }
-            }
+    }
+    for (id, t) in &h.terminals {
+        out.push(format!(
+            "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
+            "",
+            clip(id, 14),
+            if t.connected { "up" } else { "DOWN" },
+            short_time(t.last_record_at.as_deref()),
+            t.device_backlog,
+            format!("{:+}s", t.clock_drift_secs),
+            t.frames_rejected
+        ));
+        if let (false, Some(e)) = (t.connected, &t.last_error) {
+            out.push(fit(&" ".repeat(26), e));
         }
     }
-    if let Some(sources) = h["sources"].as_object() {
+    if !h.sources.is_empty() {
         out.push(format!(
             "{:<10} {:<10} {:<5} {:<19} {:>9} {:>7} {:>7}",
             "sources", "SOURCE", "STATE", "LAST OK", "CLOCKINGS", "PEOPLE", "SHIFTS"
         ));
-        for (name, src) in sources {
-            let last = src["last_success_at"]
-                .as_str()
-                .map(|v| v.get(..19).unwrap_or(v).replace('T', " "))
-                .unwrap_or_else(|| "-".into());
-            out.push(format!(
-                "{:<10} {:<10} {:<5} {:<19} {:>9} {:>7} {:>7}",
-                "",
-                clip(name, 10),
-                if src["up"] == true { "ok" } else { "FAIL" },
-                last,
-                src["clockings"].as_u64().unwrap_or(0),
-                src["people"].as_u64().unwrap_or(0),
-                src["shifts"].as_u64().unwrap_or(0)
-            ));
-            if src["up"] != true {
-                if let Some(e) = src["last_error"].as_str() {
-                    out.push(fit(&" ".repeat(22), e));
-                }
-            }
+    }
+    for (name, src) in &h.sources {
+        out.push(format!(
+            "{:<10} {:<10} {:<5} {:<19} {:>9} {:>7} {:>7}",
+            "",
+            clip(name, 10),
+            if src.up { "ok" } else { "FAIL" },
+            short_time(src.last_success_at.as_deref()),
+            src.clockings,
+            src.people,
+            src.shifts
+        ));
+        if let (false, Some(e)) = (src.up, &src.last_error) {
+            out.push(fit(&" ".repeat(22), e));
         }
     }
-    if let Some(zones) = h["zones"].as_object() {
+    if !h.zones.is_empty() {
         let mut line = String::from("zones     ");
-        for (zone, n) in zones {
-            let item = format!(" {zone} {}", n.as_u64().unwrap_or(0));
+        for (zone, n) in &h.zones {
+            let item = format!(" {zone} {n}");
             if line.chars().count() + item.chars().count() > 80 {
                 out.push(std::mem::replace(&mut line, " ".repeat(10)));
             }
@@ -149,12 +135,18 @@ pub fn render(h: &Value, rates: &[(String, f64)]) -> String {
     }
     out.push(format!(
         "dead       {}",
-        h["dead_letters"].as_u64().map_or_else(
+        h.dead_letters.map_or_else(
             || "no cloud sink configured".to_owned(),
             |n| format!("{n} dead letter(s)")
         )
     ));
     out.join("\n")
+}
+
+/// An RFC 3339 time as `YYYY-MM-DD HH:MM:SS`, or `-`.
+fn short_time(t: Option<&str>) -> String {
+    t.map(|v| v.get(..19).unwrap_or(v).replace('T', " "))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// `prefix` then as much of `text` as fits in 80 columns.
@@ -202,22 +194,24 @@ mod tests {
 
     #[test]
     fn every_section_fits_80_columns() {
-        let h = json!({
+        let h: Health = serde_json::from_value(json!({
             "status": "ok", "site": "plant-1", "version": "0.1.0",
-            "store": {"writable": true, "bytes": 12_345_678, "clockings": 1234, "error": null},
-            "mqtt": {"connected": false, "in_flight": 0, "last_error": "network error: Connection refused (os error 111) while connecting to the broker at 10.0.0.5:1883"},
+            "delivered": {"mqtt": 10, "protime": 0},
+            "store": {"writable": true, "bytes": 12_345_678, "clockings": 1234, "error": null, "unsynced_confirmations": 0},
+            "mqtt": {"connected": false, "access_connected": false, "in_flight": 0, "last_error": "network error: Connection refused (os error 111) while connecting to the broker at 10.0.0.5:1883"},
             "pending": {"mqtt": 1234},
             "oldest_pending_age_secs": 303.2,
             "terminals": {
-                "gate-north-with-a-long-name": {"connected": true, "last_record_at": "2026-11-22T08:10:03.123+00:00", "device_backlog": 3, "clock_drift_secs": -2, "frames_rejected": 1},
-                "gate-south": {"connected": false, "last_record_at": null, "device_backlog": 0, "clock_drift_secs": 0, "frames_rejected": 0, "last_error": "no answer to command 0x3C within 5s"}
+                "gate-north-with-a-long-name": {"connected": true, "last_record_at": "2026-11-22T08:10:03.123+00:00", "device_backlog": 3, "clock_drift_secs": -2, "frames_rejected": 1, "realtime_records": 7, "backfilled_records": 0, "last_error": null},
+                "gate-south": {"connected": false, "last_record_at": null, "device_backlog": 0, "clock_drift_secs": 0, "frames_rejected": 0, "realtime_records": 0, "backfilled_records": 0, "last_error": "no answer to command 0x3C within 5s"}
             },
             "sources": {
-                "aktion": {"up": true, "last_success_at": "2026-11-22T08:10:03.123+00:00", "clockings": 12, "people": 340, "shifts": 1200},
-                "crosschex": {"up": false, "last_success_at": null, "clockings": 0, "people": 0, "shifts": 0, "last_error": "CrossChex Cloud attendance.record/getrecord: rate limited: HTTP 200 FREQUENT_REQUEST: too frequent"}
+                "aktion": {"up": true, "last_success_at": "2026-11-22T08:10:03.123+00:00", "clockings": 12, "people": 340, "shifts": 1200, "polls": 5, "errors": 0, "skipped": 0, "position": "delta", "last_error": null},
+                "crosschex": {"up": false, "last_success_at": null, "clockings": 0, "people": 0, "shifts": 0, "polls": 5, "errors": 5, "skipped": 0, "position": null, "last_error": "CrossChex Cloud attendance.record/getrecord: rate limited: HTTP 200 FREQUENT_REQUEST: too frequent"}
             },
             "zones": {"production": 412, "warehouse-with-a-long-name": 12, "lab": 3, "canteen": 40, "office-building-b": 17, "yard": 0}
-        });
+        }))
+        .unwrap();
         let text = render(&h, &[("mqtt".into(), 12.5)]);
         for line in text.lines() {
             assert!(line.chars().count() <= 80, "too wide: {line:?}");

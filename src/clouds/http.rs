@@ -794,7 +794,7 @@ impl Http {
 }
 
 /// A reqwest error with its cause chain and without its URL (which may carry a token).
-fn describe(e: reqwest::Error) -> String {
+pub(crate) fn describe(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut out = e.to_string();
     let mut source = std::error::Error::source(&e);

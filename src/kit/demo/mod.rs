@@ -272,7 +272,7 @@ pub async fn run(duration: Duration) -> anyhow::Result<()> {
             if let Ok((_, body)) =
                 localhttp::request(api, "GET", "/healthz", None, Duration::from_secs(5)).await
             {
-                if let Ok(h) = serde_json::from_str::<serde_json::Value>(&body) {
+                if let Ok(h) = serde_json::from_str::<crate::health::Health>(&body) {
                     println!("\n  -- `badgegate status` now:");
                     for line in crate::status::render(&h, &[]).lines() {
                         println!("  {line}");

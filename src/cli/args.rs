@@ -1,4 +1,4 @@
-//! Command-line interface.
+//! The command line as clap definitions: plain data, validated by the commands.
 
 use std::path::PathBuf;
 
