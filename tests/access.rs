@@ -533,7 +533,7 @@ async fn access_check_over_mqtt_with_a_real_subscriber() {
 async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
     use badgegate::access::presence::{encode, Presence};
     use badgegate::model::ClockingId;
-    use badgegate::store::{AccessWrite, Change, SinkId, Store, Writer};
+    use badgegate::store::{Change, SinkId, Store, TableWrite, Writer};
     use std::sync::Arc;
 
     let mosquitto = Mosquitto::start();
@@ -550,7 +550,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
     {
         let store = Arc::new(Store::open(&data, &[SinkId::Mqtt]).unwrap());
         let since = chrono::DateTime::parse_from_rfc3339("2026-05-04T07:00:00+02:00").unwrap();
-        let rows: Vec<AccessWrite> = (0..50_000u32)
+        let rows: Vec<TableWrite> = (0..50_000u32)
             .map(|i| {
                 let p = Presence {
                     zone: "hall".into(),
@@ -562,7 +562,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
                     clocking: ClockingId([(i % 251) as u8; 16]),
                     gateway: None,
                 };
-                AccessWrite::Presence {
+                TableWrite::Presence {
                     subject: p.subject(),
                     value: encode(&p),
                     unsent: None,
@@ -570,7 +570,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
             })
             .collect();
         let (writer, handle) = Writer::start(store, 30, None);
-        handle.change(Change::Access(rows)).await.unwrap();
+        handle.change(Change::Tables(rows)).await.unwrap();
         drop(handle);
         tokio::task::spawn_blocking(move || writer.join())
             .await

@@ -25,13 +25,12 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::engine::{parse_check, AccessEngine, Mismatch};
-use super::presence::Transition;
 use crate::backoff::Backoff;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
-use crate::model::ClockingId;
+use crate::model::{ClockingId, PresenceTransition};
 use crate::sinks::mqtt::{connect_options, describe, tls_config};
-use crate::store::{AccessWrite, Change, Store, WriterHandle};
+use crate::store::{Change, Store, TableWrite, WriterHandle};
 
 /// Site-topic publishes awaiting their PUBACK at once.
 const SYNC_WINDOW: usize = 64;
@@ -353,7 +352,7 @@ impl AccessLink {
                         .access
                         .sync_received
                         .fetch_add(1, Ordering::Relaxed);
-                    match Transition::parse(&p.payload) {
+                    match PresenceTransition::parse(&p.payload) {
                         Ok(t) => s.remote.push(t),
                         Err(e) => {
                             tracing::warn!(topic = %p.topic, error = %e, "ignoring a presence transition that is not valid")
@@ -461,14 +460,14 @@ impl AccessLink {
             let rows = s
                 .acks
                 .drain(..)
-                .map(|(subject, id)| AccessWrite::Sent {
+                .map(|(subject, id)| TableWrite::Sent {
                     subject,
                     clocking: id.0,
                 })
                 .collect();
             let writer = self.writer.clone();
             tokio::spawn(async move {
-                if let Err(e) = writer.change(Change::Access(rows)).await {
+                if let Err(e) = writer.change(Change::Tables(rows)).await {
                     tracing::warn!(error = %e, "recording acknowledged presence transitions failed; they are sent again");
                 }
             });
@@ -486,7 +485,7 @@ struct Session {
     queue: VecDeque<String>,
     queued: HashSet<String>,
     acks: Vec<(String, ClockingId)>,
-    remote: Vec<Transition>,
+    remote: Vec<PresenceTransition>,
     /// The last occupancy published per zone (without its time stamp).
     published: HashMap<String, Value>,
     dirty: bool,
