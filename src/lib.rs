@@ -20,6 +20,7 @@ pub mod kit;
 pub mod localhttp;
 pub mod metrics;
 pub mod model;
+pub mod mqtt_link;
 pub mod queue_tools;
 pub mod sinks;
 pub mod sources;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -29,7 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
 use crate::model::{ClockingId, PresenceTransition};
-use crate::sinks::mqtt::{connect_options, describe, tls_config};
+use crate::mqtt_link::{self, connect_options, describe, poll_events};
 use crate::store::{Change, Store, TableWrite, WriterHandle};
 
 /// Site-topic publishes awaiting their PUBACK at once.
@@ -120,11 +120,7 @@ impl AccessLink {
         let Some(cfg) = config.mqtt.clone() else {
             return Ok(None);
         };
-        let tls = if cfg.tls {
-            Some(Arc::new(tls_config(&cfg)?))
-        } else {
-            None
-        };
+        let tls = mqtt_link::tls(&cfg)?;
         Ok(Some(AccessLink {
             client_id: format!("{}-access", cfg.client_id),
             topics: Topics::new(&cfg.topic_prefix, &config.agent.site),
@@ -513,16 +509,6 @@ impl Session {
             .map_err(|_| "event loop ended".to_owned())?;
         self.fifo.push_back(sync);
         Ok(())
-    }
-}
-
-async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
-    loop {
-        let ev = eventloop.poll().await;
-        let failed = ev.is_err();
-        if tx.send(ev).await.is_err() || failed {
-            break;
-        }
     }
 }
 
