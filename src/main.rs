@@ -74,7 +74,7 @@ fn demo(_duration: u64, _format: LogFormat) -> ExitCode {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    badgegate::app::load_config(path).map_err(|e| {
         for p in &e.0 {
             eprintln!("{p}");
         }
@@ -121,7 +121,7 @@ where
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::load(path) {
+    match badgegate::app::load_config(path) {
         Ok(c) => {
             println!(
                 "{}: OK (site {}, {} terminal(s), sinks: {})",

@@ -629,6 +629,55 @@ async fn check(api: &Api, agent: &AgentProc, badge: &str) -> String {
     v["status"].as_str().unwrap().to_owned()
 }
 
+/// check-config and run read the people file with the rest of the config: a bad line is a
+/// problem under `access.people_file`, reported with every other problem, exit 64.
+#[test]
+fn a_broken_people_file_is_a_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("people.csv"),
+        "badge,person,groups\n1,A,staff\n1,B,staff\n",
+    )
+    .unwrap();
+    let config = dir.path().join("badgegate.toml");
+    let text = agent_config(
+        &dir.path().join("data"),
+        free_port(),
+        "mqtt://127.0.0.1:1883",
+        "",
+        &access_extra("door", false),
+    );
+    std::fs::write(
+        &config,
+        text.replace("\"Europe/Brussels\"\n", "\"Europe/Bruxelles\"\n"),
+    )
+    .unwrap();
+    let o = badgegate()
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("agent.timezone:"), "{out}");
+    assert!(lines[1].starts_with("access.people_file:"), "{out}");
+    assert!(
+        lines[1].contains("people.csv") && lines[1].contains("line 3"),
+        "{out}"
+    );
+    let o = badgegate()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("access.people_file:"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_people_file_is_reloaded_when_it_changes_and_a_broken_one_is_ignored() {
     let mosquitto = Mosquitto::start();
