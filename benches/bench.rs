@@ -406,13 +406,13 @@ async fn access_check_latency() -> (Duration, Duration) {
     use badgegate::access::presence::{encode, Presence};
     use badgegate::access::{AccessEngine, Directory};
     use badgegate::model::{ClockingId, Direction};
-    use badgegate::store::{AccessWrite, Change, SinkId, Store, Writer};
+    use badgegate::store::{Change, SinkId, Store, TableWrite, Writer};
     let dir = tempfile::tempdir().unwrap();
     let text = ACCESS_CONFIG.replace("DATA", &dir.path().display().to_string());
     let config = badgegate::config::Config::parse(&text, dir.path()).unwrap();
     let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
     let at = chrono::DateTime::parse_from_rfc3339("2026-02-08T07:55:00+01:00").unwrap();
-    let rows: Vec<AccessWrite> = (0..50_000u32)
+    let rows: Vec<TableWrite> = (0..50_000u32)
         .map(|i| {
             let p = Presence {
                 zone: "hall".into(),
@@ -424,7 +424,7 @@ async fn access_check_latency() -> (Duration, Duration) {
                 clocking: ClockingId([(i % 251) as u8; 16]),
                 gateway: None,
             };
-            AccessWrite::Presence {
+            TableWrite::Presence {
                 subject: p.subject(),
                 value: encode(&p),
                 unsent: None,
@@ -432,7 +432,7 @@ async fn access_check_latency() -> (Duration, Duration) {
         })
         .collect();
     let (writer, handle) = Writer::start(store.clone(), 30, None);
-    handle.change(Change::Access(rows)).await.unwrap();
+    handle.change(Change::Tables(rows)).await.unwrap();
     drop(handle);
     tokio::task::spawn_blocking(move || writer.join())
         .await

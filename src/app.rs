@@ -11,7 +11,7 @@ use crate::access::mqtt::AccessLink;
 use crate::access::{AccessEngine, Directory, PeopleOrigin};
 use crate::clouds::protime::ProtimeClient;
 use crate::clouds::HttpOptions;
-use crate::config::{Config, TerminalConfig, TerminalKind};
+use crate::config::{Config, ConfigError, FileChecks, TerminalConfig, TerminalKind};
 use crate::http::{self, ApiState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -44,6 +44,24 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Read and validate the configuration file the way the agent runs it: [`Config::load`] plus
+/// the checks of the named files' contents whose format belongs to other modules (the people
+/// file must parse), reported with every other problem under the file's key.
+pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigError> {
+    Config::load_checked(path, file_checks())
+}
+
+/// What [`load_config`] checks beyond `config` itself.
+fn file_checks() -> FileChecks {
+    FileChecks {
+        people_file: Some(|text| {
+            crate::access::people_file::parse(text)
+                .err()
+                .unwrap_or_default()
+        }),
+    }
 }
 
 /// A running agent.
@@ -383,5 +401,24 @@ async fn watch_people_file(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_people_file_is_a_config_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("people.csv"), "badge,person\n1,A\n1,B\n").unwrap();
+        let path = dir.path().join("badgegate.toml");
+        let text = "[agent]\nsite = \"plant-1\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n\
+                    [access]\npeople_file = \"people.csv\"\n";
+        std::fs::write(&path, text).unwrap();
+        assert!(Config::load(&path).is_ok(), "config alone does not read it");
+        let err = load_config(&path).unwrap_err();
+        assert_eq!(err.0[0].key, "access.people_file");
+        assert!(err.0[0].message.contains("line 3"), "{err}");
     }
 }

@@ -281,20 +281,45 @@ pub struct AktionConfig {
     pub shift_days: u32,
 }
 
+/// Checks of the contents of files the configuration names, for formats another module owns
+/// (config itself only checks that such a file exists). They run during validation, so their
+/// problems are reported with all the others, under the file's key. `app::load_config` supplies
+/// them; without them the contents are not looked at.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FileChecks {
+    /// `access.people_file`: every problem of the file's text (one per bad line), or none.
+    pub people_file: Option<fn(&str) -> Vec<String>>,
+}
+
 impl Config {
-    /// Read and validate a configuration file.
+    /// Read and validate a configuration file, without [`FileChecks`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_checked(path, FileChecks::default())
+    }
+
+    /// Read and validate a configuration file, checking the named files' contents with `checks`.
+    pub fn load_checked(path: &Path, checks: FileChecks) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError(vec![Problem {
                 key: "config".into(),
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
+        Config::parse_checked(&text, path.parent().unwrap_or(Path::new(".")), checks)
     }
 
-    /// Validate configuration text. Relative `*_file` paths are resolved against `base_dir`.
+    /// Validate configuration text, without [`FileChecks`]. Relative `*_file` paths are
+    /// resolved against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse_checked(text, base_dir, FileChecks::default())
+    }
+
+    /// Validate configuration text, checking the named files' contents with `checks`.
+    pub fn parse_checked(
+        text: &str,
+        base_dir: &Path,
+        checks: FileChecks,
+    ) -> Result<Config, ConfigError> {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError(vec![Problem {
                 key: "config".into(),
@@ -304,6 +329,7 @@ impl Config {
         let mut v = Validator {
             problems: Vec::new(),
             base_dir: base_dir.to_path_buf(),
+            checks,
         };
         let known = [
             "agent",
@@ -554,6 +580,7 @@ struct RawAktion {
 struct Validator {
     problems: Vec<Problem>,
     base_dir: PathBuf,
+    checks: FileChecks,
 }
 
 impl Validator {
@@ -1131,13 +1158,12 @@ impl Validator {
             self.antipassback("access.antipassback", a)
         });
         let people_file = self.existing_file("access.people_file", raw.people_file);
-        if let Some(path) = people_file.as_deref().filter(|p| p.is_file()) {
+        let check = self.checks.people_file;
+        if let (Some(path), Some(check)) = (people_file.as_deref().filter(|p| p.is_file()), check) {
             match std::fs::read_to_string(path) {
                 Ok(text) => {
-                    if let Err(errors) = crate::access::people_file::parse(&text) {
-                        for e in errors.iter().take(10) {
-                            self.problem("access.people_file", format!("{}: {e}", path.display()));
-                        }
+                    for e in check(&text).iter().take(10) {
+                        self.problem("access.people_file", format!("{}: {e}", path.display()));
                     }
                 }
                 Err(e) => self.problem(
@@ -1589,13 +1615,21 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_people_file_is_a_config_problem() {
+    fn file_checks_report_under_the_file_key_with_the_other_problems() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("people.csv"), "badge,person\n1,A\n1,B\n").unwrap();
+        std::fs::write(dir.path().join("people.csv"), "badge,person\n1,A\n").unwrap();
         let text = format!("{MINIMAL}\n[access]\npeople_file = \"people.csv\"\n");
-        let err = Config::parse(&text, dir.path()).unwrap_err();
-        assert_eq!(err.0[0].key, "access.people_file");
-        assert!(err.0[0].message.contains("line 3"), "{err}");
+        assert!(
+            Config::parse(&text, dir.path()).is_ok(),
+            "contents unchecked"
+        );
+        let checks = FileChecks {
+            people_file: Some(|text| vec![format!("{} bytes", text.len())]),
+        };
+        let text = text.replace("plant-1", "plant 1");
+        let err = Config::parse_checked(&text, dir.path(), checks).unwrap_err();
+        assert_eq!(keys(err.clone()), ["agent.site", "access.people_file"]);
+        assert!(err.0[1].message.ends_with("people.csv: 17 bytes"), "{err}");
     }
 
     #[test]

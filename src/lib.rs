@@ -21,6 +21,7 @@ pub mod kit;
 pub mod localhttp;
 pub mod metrics;
 pub mod model;
+pub mod mqtt_link;
 pub mod queue_filter;
 pub mod sinks;
 pub mod sources;

@@ -295,6 +295,66 @@ impl Clocking {
     }
 }
 
+/// A presence transition (a person's latest accepted passage) as gateways share it on
+/// `{topic_prefix}/{site}/presence/{gateway}/{subject}` (retained JSON), and as the store hands
+/// other gateways' transitions to the access engine inside its transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceTransition {
+    pub gateway: String,
+    pub person: Option<String>,
+    pub badge: String,
+    pub zone: String,
+    pub from: String,
+    pub occurred_at: DateTime<FixedOffset>,
+    pub terminal: String,
+    pub clocking_id: String,
+}
+
+impl PresenceTransition {
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            gateway: &'a str,
+            person: Option<&'a str>,
+            badge: &'a str,
+            zone: &'a str,
+            from: &'a str,
+            occurred_at: String,
+            terminal: &'a str,
+            clocking_id: &'a str,
+        }
+        serde_json::to_vec(&Out {
+            gateway: &self.gateway,
+            person: self.person.as_deref(),
+            badge: &self.badge,
+            zone: &self.zone,
+            from: &self.from,
+            occurred_at: self
+                .occurred_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+            terminal: &self.terminal,
+            clocking_id: &self.clocking_id,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Parse and check a received transition.
+    pub fn parse(payload: &[u8]) -> Result<PresenceTransition, String> {
+        let t: PresenceTransition = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        if t.badge.is_empty() || t.zone.is_empty() || t.from.is_empty() || t.gateway.is_empty() {
+            return Err("gateway, badge, zone and from must not be empty".into());
+        }
+        if t.person.as_deref() == Some("") {
+            return Err("person must be null or not empty".into());
+        }
+        t.clocking_id
+            .parse::<ClockingId>()
+            .map_err(|()| format!("clocking_id {:?} is not 32 hex digits", t.clocking_id))?;
+        Ok(t)
+    }
+}
+
 /// A badge as the contract allows it: 1 to 64 characters, none of them a control character.
 pub fn valid_badge(badge: &str) -> bool {
     (1..=64).contains(&badge.chars().count()) && !badge.chars().any(char::is_control)

@@ -533,7 +533,7 @@ async fn access_check_over_mqtt_with_a_real_subscriber() {
 async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
     use badgegate::access::presence::{encode, Presence};
     use badgegate::model::ClockingId;
-    use badgegate::store::{AccessWrite, Change, SinkId, Store, Writer};
+    use badgegate::store::{Change, SinkId, Store, TableWrite, Writer};
     use std::sync::Arc;
 
     let mosquitto = Mosquitto::start();
@@ -550,7 +550,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
     {
         let store = Arc::new(Store::open(&data, &[SinkId::Mqtt]).unwrap());
         let since = chrono::DateTime::parse_from_rfc3339("2026-05-04T07:00:00+02:00").unwrap();
-        let rows: Vec<AccessWrite> = (0..50_000u32)
+        let rows: Vec<TableWrite> = (0..50_000u32)
             .map(|i| {
                 let p = Presence {
                     zone: "hall".into(),
@@ -562,7 +562,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
                     clocking: ClockingId([(i % 251) as u8; 16]),
                     gateway: None,
                 };
-                AccessWrite::Presence {
+                TableWrite::Presence {
                     subject: p.subject(),
                     value: encode(&p),
                     unsent: None,
@@ -570,7 +570,7 @@ async fn fifty_thousand_persons_presence_loaded_without_a_slow_start() {
             })
             .collect();
         let (writer, handle) = Writer::start(store, 30, None);
-        handle.change(Change::Access(rows)).await.unwrap();
+        handle.change(Change::Tables(rows)).await.unwrap();
         drop(handle);
         tokio::task::spawn_blocking(move || writer.join())
             .await
@@ -627,6 +627,55 @@ async fn check(api: &Api, agent: &AgentProc, badge: &str) -> String {
         .await;
     assert_eq!(code, 200, "{v}");
     v["status"].as_str().unwrap().to_owned()
+}
+
+/// check-config and run read the people file with the rest of the config: a bad line is a
+/// problem under `access.people_file`, reported with every other problem, exit 64.
+#[test]
+fn a_broken_people_file_is_a_config_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("people.csv"),
+        "badge,person,groups\n1,A,staff\n1,B,staff\n",
+    )
+    .unwrap();
+    let config = dir.path().join("badgegate.toml");
+    let text = agent_config(
+        &dir.path().join("data"),
+        free_port(),
+        "mqtt://127.0.0.1:1883",
+        "",
+        &access_extra("door", false),
+    );
+    std::fs::write(
+        &config,
+        text.replace("\"Europe/Brussels\"\n", "\"Europe/Bruxelles\"\n"),
+    )
+    .unwrap();
+    let o = badgegate()
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("agent.timezone:"), "{out}");
+    assert!(lines[1].starts_with("access.people_file:"), "{out}");
+    assert!(
+        lines[1].contains("people.csv") && lines[1].contains("line 3"),
+        "{out}"
+    );
+    let o = badgegate()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("access.people_file:"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
-use crate::store::{AccessWrite, Change, Store, StoreError, WriterHandle};
+use crate::store::{Change, SinkId, Store, StoreError, TableWrite, WriterHandle};
 
 /// Where a person record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -177,7 +177,7 @@ impl Directory {
         people: Vec<Person>,
     ) -> Result<(), StoreError> {
         let _one_at_a_time = self.replacing.lock().await;
-        let (rows, before): (Vec<AccessWrite>, HashSet<String>) = {
+        let (rows, before): (Vec<TableWrite>, HashSet<String>) = {
             let g = self.read();
             let held: HashMap<&str, &Person> = g
                 .people
@@ -191,7 +191,7 @@ impl Directory {
             for p in &people {
                 new_ids.insert(p.id.as_str());
                 if held.get(p.id.as_str()) != Some(&p) {
-                    rows.push(AccessWrite::Person {
+                    rows.push(TableWrite::Person {
                         origin: origin.code(),
                         id: p.id.clone(),
                         value: Some(postcard::to_allocvec(p).unwrap_or_default()),
@@ -199,7 +199,7 @@ impl Directory {
                 }
             }
             for id in held.keys().filter(|id| !new_ids.contains(*id)) {
-                rows.push(AccessWrite::Person {
+                rows.push(TableWrite::Person {
                     origin: origin.code(),
                     id: (*id).to_owned(),
                     value: None,
@@ -209,7 +209,7 @@ impl Directory {
         };
         if let Some((w, _)) = self.writer.get() {
             if !rows.is_empty() {
-                w.change(Change::Access(rows)).await?;
+                w.change(Change::Tables(rows)).await?;
             }
         }
         let gained: Vec<(String, String)> = {
@@ -223,7 +223,12 @@ impl Directory {
                 .collect()
         };
         if let (Some((w, metrics)), false) = (self.writer.get(), gained.is_empty()) {
-            let n = w.change(Change::ResolveBadges(gained)).await?;
+            // To MQTT only: Protime maps badges to persons itself.
+            let requeue = Change::RequeueHeld {
+                sink: SinkId::Mqtt,
+                badges: gained,
+            };
+            let n = w.change(requeue).await?;
             metrics
                 .access
                 .republished
@@ -247,7 +252,7 @@ impl Directory {
         shifts: Vec<Shift>,
     ) -> Result<(), StoreError> {
         if let Some((w, _)) = self.writer.get() {
-            let rows = vec![AccessWrite::Shifts {
+            let rows = vec![TableWrite::Shifts {
                 person: person_id.to_owned(),
                 from_ms: from.timestamp_millis(),
                 to_ms: to.timestamp_millis(),
@@ -262,7 +267,7 @@ impl Directory {
                     })
                     .collect(),
             }];
-            w.change(Change::Access(rows)).await?;
+            w.change(Change::Tables(rows)).await?;
         }
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let held = g.shifts.entry(person_id.to_owned()).or_default();

@@ -17,13 +17,15 @@ use tokio::sync::{mpsc, watch};
 
 use super::decide::{decide, Attempt};
 use super::directory::{Directory, DirectoryView};
-use super::presence::{self, subject_key, Presence, PresenceMap, Transition};
+use super::presence::{self, subject_key, Presence, PresenceMap};
 use super::rules::Rules;
 use super::view;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{in_zone, AccessStatus, Clocking, ClockingId, Direction, Source};
-use crate::store::{AccessHook, AccessReads, AccessWrite, Store, StoreError};
+use crate::model::{
+    in_zone, AccessStatus, Clocking, ClockingId, Direction, PresenceTransition, Source,
+};
+use crate::store::{AccessHook, AccessReads, Store, StoreError, TableWrite};
 
 /// A local decision as kept for comparing with a cloud mirror (postcard).
 #[derive(Debug, Serialize, Deserialize)]
@@ -366,10 +368,10 @@ impl AccessEngine {
 
     /// The site-topic form of this gateway's current transition for `subject`, if the
     /// presence held for it is this gateway's own.
-    pub fn own_transition(&self, subject: &str) -> Option<(Transition, ClockingId)> {
+    pub fn own_transition(&self, subject: &str) -> Option<(PresenceTransition, ClockingId)> {
         let map = self.presence();
         let p = map.get(subject).filter(|p| p.gateway.is_none())?;
-        Some((Transition::of(p, &self.shared.gateway), p.clocking))
+        Some((p.transition(&self.shared.gateway), p.clocking))
     }
 }
 
@@ -420,7 +422,7 @@ impl Hook {
     fn hold(
         &mut self,
         map: &mut PresenceMap,
-        out: &mut Vec<AccessWrite>,
+        out: &mut Vec<TableWrite>,
         subject: String,
         p: Presence,
         own: bool,
@@ -436,7 +438,7 @@ impl Hook {
         if unsent.is_some() {
             self.batch.sync.push(subject.clone());
         }
-        out.push(AccessWrite::Presence {
+        out.push(TableWrite::Presence {
             subject,
             value,
             unsent,
@@ -450,7 +452,7 @@ impl Hook {
 fn local_decisions(
     c: &Clocking,
     reads: &dyn AccessReads,
-    pending: &[AccessWrite],
+    pending: &[TableWrite],
 ) -> Vec<DecisionRow> {
     let minute = c.occurred_at.timestamp().div_euclid(60);
     let same = |badge: &str, row: &DecisionRow| {
@@ -465,7 +467,7 @@ fn local_decisions(
         })
         .collect();
     for w in pending {
-        if let AccessWrite::Decision {
+        if let TableWrite::Decision {
             terminal,
             minute: m,
             badge,
@@ -515,7 +517,7 @@ impl AccessHook for Hook {
         c: &mut Clocking,
         decide_it: bool,
         reads: &dyn AccessReads,
-        out: &mut Vec<AccessWrite>,
+        out: &mut Vec<TableWrite>,
     ) {
         let shared = self.shared.clone();
         let sh = &*shared;
@@ -585,7 +587,7 @@ impl AccessHook for Hook {
                 status: c.status,
                 id: c.id.0,
             };
-            out.push(AccessWrite::Decision {
+            out.push(TableWrite::Decision {
                 terminal: c.terminal.clone(),
                 minute: c.occurred_at.timestamp().div_euclid(60),
                 badge: c.badge.clone(),
@@ -594,7 +596,7 @@ impl AccessHook for Hook {
         }
         if sh.rules.directory_in_use && c.status == AccessStatus::UnknownBadge && c.person.is_none()
         {
-            out.push(AccessWrite::UnknownBadge {
+            out.push(TableWrite::UnknownBadge {
                 badge: c.badge.clone(),
                 at_ms: c.occurred_at.timestamp_millis(),
                 id: c.id.0,
@@ -603,7 +605,7 @@ impl AccessHook for Hook {
         }
     }
 
-    fn remote(&mut self, transitions: &[Transition], out: &mut Vec<AccessWrite>) -> u64 {
+    fn remote(&mut self, transitions: &[PresenceTransition], out: &mut Vec<TableWrite>) -> u64 {
         let shared = self.shared.clone();
         let mut map = shared.presence_mut();
         let mut applied = 0;
@@ -611,10 +613,11 @@ impl AccessHook for Hook {
             if *t.gateway == *shared.gateway {
                 continue;
             }
-            let Some(p) = t.presence(&mut map) else {
+            let Some(p) = Presence::from_transition(t, &mut map) else {
                 continue;
             };
-            if self.hold(&mut map, out, t.subject(), p, false) {
+            let subject = subject_key(t.person.as_deref(), &t.badge);
+            if self.hold(&mut map, out, subject, p, false) {
                 applied += 1;
             }
         }
@@ -1067,7 +1070,7 @@ mod tests {
         let rig = Rig::open(tmp.path(), "");
         let mut map = PresenceMap::new();
         let at = DateTime::parse_from_rfc3339("2026-05-04T08:00:00+02:00").unwrap();
-        let rows: Vec<AccessWrite> = (0..50_000u32)
+        let rows: Vec<TableWrite> = (0..50_000u32)
             .map(|i| {
                 let p = Presence {
                     zone: map.intern("hall"),
@@ -1079,14 +1082,14 @@ mod tests {
                     clocking: ClockingId([(i % 251) as u8; 16]),
                     gateway: None,
                 };
-                AccessWrite::Presence {
+                TableWrite::Presence {
                     subject: p.subject(),
                     value: presence::encode(&p),
                     unsent: None,
                 }
             })
             .collect();
-        rt().block_on(rig.handle().change(crate::store::Change::Access(rows)))
+        rt().block_on(rig.handle().change(crate::store::Change::Tables(rows)))
             .unwrap();
         let dir = rig.close();
         let config = Config::parse(BASE, &dir).unwrap();

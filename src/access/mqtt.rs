@@ -20,18 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::engine::{parse_check, AccessEngine, Mismatch};
-use super::presence::Transition;
 use crate::backoff::Backoff;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
-use crate::model::ClockingId;
-use crate::sinks::mqtt::{connect_options, describe, tls_config};
-use crate::store::{AccessWrite, Change, Store, WriterHandle};
+use crate::model::{ClockingId, PresenceTransition};
+use crate::mqtt_link::{self, connect_options, describe, poll_events};
+use crate::store::{Change, Store, TableWrite, WriterHandle};
 
 /// Site-topic publishes awaiting their PUBACK at once.
 const SYNC_WINDOW: usize = 64;
@@ -121,11 +120,7 @@ impl AccessLink {
         let Some(cfg) = config.mqtt.clone() else {
             return Ok(None);
         };
-        let tls = if cfg.tls {
-            Some(Arc::new(tls_config(&cfg)?))
-        } else {
-            None
-        };
+        let tls = mqtt_link::tls(&cfg)?;
         Ok(Some(AccessLink {
             client_id: format!("{}-access", cfg.client_id),
             topics: Topics::new(&cfg.topic_prefix, &config.agent.site),
@@ -353,7 +348,7 @@ impl AccessLink {
                         .access
                         .sync_received
                         .fetch_add(1, Ordering::Relaxed);
-                    match Transition::parse(&p.payload) {
+                    match PresenceTransition::parse(&p.payload) {
                         Ok(t) => s.remote.push(t),
                         Err(e) => {
                             tracing::warn!(topic = %p.topic, error = %e, "ignoring a presence transition that is not valid")
@@ -461,14 +456,14 @@ impl AccessLink {
             let rows = s
                 .acks
                 .drain(..)
-                .map(|(subject, id)| AccessWrite::Sent {
+                .map(|(subject, id)| TableWrite::Sent {
                     subject,
                     clocking: id.0,
                 })
                 .collect();
             let writer = self.writer.clone();
             tokio::spawn(async move {
-                if let Err(e) = writer.change(Change::Access(rows)).await {
+                if let Err(e) = writer.change(Change::Tables(rows)).await {
                     tracing::warn!(error = %e, "recording acknowledged presence transitions failed; they are sent again");
                 }
             });
@@ -486,7 +481,7 @@ struct Session {
     queue: VecDeque<String>,
     queued: HashSet<String>,
     acks: Vec<(String, ClockingId)>,
-    remote: Vec<Transition>,
+    remote: Vec<PresenceTransition>,
     /// The last occupancy published per zone (without its time stamp).
     published: HashMap<String, Value>,
     dirty: bool,
@@ -514,16 +509,6 @@ impl Session {
             .map_err(|_| "event loop ended".to_owned())?;
         self.fifo.push_back(sync);
         Ok(())
-    }
-}
-
-async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
-    loop {
-        let ev = eventloop.poll().await;
-        let failed = ev.is_err();
-        if tx.send(ev).await.is_err() || failed {
-            break;
-        }
     }
 }
 

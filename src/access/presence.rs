@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::rules::{Rules, OUTSIDE};
-use crate::model::ClockingId;
+use crate::model::{ClockingId, PresenceTransition};
 
 /// Where a person is since which passage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,93 +244,33 @@ pub fn decode(bytes: &[u8], map: &mut PresenceMap) -> Result<Presence, String> {
     })
 }
 
-/// A presence transition as gateways share it on
-/// `{topic_prefix}/{site}/presence/{gateway}/{subject}` (retained JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Transition {
-    pub gateway: String,
-    pub person: Option<String>,
-    pub badge: String,
-    pub zone: String,
-    pub from: String,
-    pub occurred_at: DateTime<FixedOffset>,
-    pub terminal: String,
-    pub clocking_id: String,
-}
-
-impl Transition {
-    pub fn of(p: &Presence, gateway: &str) -> Transition {
-        Transition {
+impl Presence {
+    /// This presence as the transition shared with the other gateways of the site.
+    pub fn transition(&self, gateway: &str) -> PresenceTransition {
+        PresenceTransition {
             gateway: gateway.to_owned(),
-            person: p.person.as_deref().map(str::to_owned),
-            badge: p.badge.to_string(),
-            zone: p.zone.to_string(),
-            from: p.from.to_string(),
-            occurred_at: p.at,
-            terminal: p.terminal.to_string(),
-            clocking_id: p.clocking.to_string(),
+            person: self.person.as_deref().map(str::to_owned),
+            badge: self.badge.to_string(),
+            zone: self.zone.to_string(),
+            from: self.from.to_string(),
+            occurred_at: self.at,
+            terminal: self.terminal.to_string(),
+            clocking_id: self.clocking.to_string(),
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Out<'a> {
-            gateway: &'a str,
-            person: Option<&'a str>,
-            badge: &'a str,
-            zone: &'a str,
-            from: &'a str,
-            occurred_at: String,
-            terminal: &'a str,
-            clocking_id: &'a str,
-        }
-        serde_json::to_vec(&Out {
-            gateway: &self.gateway,
-            person: self.person.as_deref(),
-            badge: &self.badge,
-            zone: &self.zone,
-            from: &self.from,
-            occurred_at: self
-                .occurred_at
-                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
-            terminal: &self.terminal,
-            clocking_id: &self.clocking_id,
-        })
-        .unwrap_or_default()
-    }
-
-    /// Parse and check a received transition.
-    pub fn parse(payload: &[u8]) -> Result<Transition, String> {
-        let t: Transition = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        if t.badge.is_empty() || t.zone.is_empty() || t.from.is_empty() || t.gateway.is_empty() {
-            return Err("gateway, badge, zone and from must not be empty".into());
-        }
-        if t.person.as_deref() == Some("") {
-            return Err("person must be null or not empty".into());
-        }
-        t.clocking_id
-            .parse::<ClockingId>()
-            .map_err(|()| format!("clocking_id {:?} is not 32 hex digits", t.clocking_id))?;
-        Ok(t)
-    }
-
-    /// As a presence entry held for another gateway.
-    pub fn presence(&self, map: &mut PresenceMap) -> Option<Presence> {
+    /// Another gateway's transition, as a presence entry held for it.
+    pub fn from_transition(t: &PresenceTransition, map: &mut PresenceMap) -> Option<Presence> {
         Some(Presence {
-            zone: map.intern(&self.zone),
-            from: map.intern(&self.from),
-            at: self.occurred_at,
-            terminal: map.intern(&self.terminal),
-            badge: Box::from(self.badge.as_str()),
-            person: self.person.as_deref().map(Box::from),
-            clocking: self.clocking_id.parse().ok()?,
-            gateway: Some(map.intern(&self.gateway)),
+            zone: map.intern(&t.zone),
+            from: map.intern(&t.from),
+            at: t.occurred_at,
+            terminal: map.intern(&t.terminal),
+            badge: Box::from(t.badge.as_str()),
+            person: t.person.as_deref().map(Box::from),
+            clocking: t.clocking_id.parse().ok()?,
+            gateway: Some(map.intern(&t.gateway)),
         })
-    }
-
-    pub fn subject(&self) -> String {
-        subject_key(self.person.as_deref(), &self.badge)
     }
 }
 
@@ -380,14 +320,14 @@ mod tests {
         let back = decode(&encode(&p), &mut m).unwrap();
         assert_eq!(back, p);
         assert!(Arc::ptr_eq(&back.zone, &p.zone), "names are shared");
-        let t = Transition::of(&p, "g1");
-        let parsed = Transition::parse(&t.to_json()).unwrap();
+        let t = p.transition("g1");
+        let parsed = PresenceTransition::parse(&t.to_json()).unwrap();
         assert_eq!(parsed, t);
-        assert_eq!(parsed.presence(&mut m).unwrap(), p);
-        assert!(Transition::parse(br#"{"gateway":"g"}"#).is_err());
+        assert_eq!(Presence::from_transition(&parsed, &mut m).unwrap(), p);
+        assert!(PresenceTransition::parse(br#"{"gateway":"g"}"#).is_err());
         let mut bad: Value = serde_json::from_slice(&t.to_json()).unwrap();
         bad["clocking_id"] = json!("xyz");
-        assert!(Transition::parse(bad.to_string().as_bytes()).is_err());
+        assert!(PresenceTransition::parse(bad.to_string().as_bytes()).is_err());
     }
 
     /// Any delivery order of the same transitions (with duplicates, as at-least-once delivery

@@ -26,7 +26,7 @@ pub const EXIT_IO: u8 = 74;
 
 /// Read and validate a configuration file: the one place the command line loads one.
 fn read_config(path: &Path) -> Result<Config, ConfigError> {
-    Config::load(path)
+    crate::app::load_config(path)
 }
 
 /// The configuration, or exit 64 after printing one line per problem on stderr.

@@ -6,8 +6,8 @@
 //!   clockings are remembered for `[agent].dedupe_days` and then forgotten cheaply
 //! - `pending.<sink>`: seq → () for every clocking that sink has not confirmed yet
 //! - `meta`: counters (next seq)
-//! - the access engine's tables ([`access`]): presence, people, shifts, local decisions and
-//!   UnknownBadge clockings, written in the same transactions as the clockings they come from
+//! - the state tables ([`tables`]): presence, people, shifts, local decisions and UnknownBadge
+//!   clockings, written in the same transactions as the clockings they come from
 //!
 //! A clocking leaves `outbox` in the same transaction that removes it from the last sink's
 //! pending table, so "delivered to every sink" and "deleted" can never disagree.
@@ -15,7 +15,7 @@
 //! Writes go through one writer thread ([`writer`]) that batches concurrent requests into a
 //! single fsync'd transaction (group commit); reads open their own read transactions.
 
-pub mod access;
+pub mod tables;
 pub mod writer;
 
 use std::ops::Deref;
@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::model::{Clocking, Source};
 
-pub use access::AccessWrite;
+pub use tables::TableWrite;
 pub use writer::{
     AccessHook, AccessReads, Change, DeadLetter, IngestOutcome, Writer, WriterHandle,
 };
@@ -263,7 +263,7 @@ impl Store {
             txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             txn.open_table(META).map_err(StoreError::from_redb)?;
             txn.open_table(STATE).map_err(StoreError::from_redb)?;
-            access::init(&txn)?;
+            tables::init(&txn)?;
             for s in &self.sinks {
                 txn.open_table(s.table()).map_err(StoreError::from_redb)?;
                 txn.open_table(s.dead_table())

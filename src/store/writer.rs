@@ -26,12 +26,11 @@ use chrono::Utc;
 use redb::{Durability, ReadableTable};
 use tokio::sync::{oneshot, watch};
 
-use super::access::{self as tables, AccessWrite};
+use super::tables::{self, TableWrite};
 use super::{
     file_len, SinkId, Store, StoreError, IDS, ID_EXPIRY, META, META_NEXT_SEQ, OUTBOX, STATE,
 };
-use crate::access::presence::Transition;
-use crate::model::{AccessStatus, Clocking, ClockingId};
+use crate::model::{AccessStatus, Clocking, ClockingId, PresenceTransition};
 
 /// Housekeeping (forgetting expired ids) runs when the writer has been idle this long.
 const IDLE: Duration = Duration::from_millis(500);
@@ -71,10 +70,10 @@ pub trait AccessHook: Send + 'static {
         c: &mut Clocking,
         decide: bool,
         reads: &dyn AccessReads,
-        out: &mut Vec<AccessWrite>,
+        out: &mut Vec<TableWrite>,
     );
     /// Presence transitions of the other gateways of the site; answers how many were newer.
-    fn remote(&mut self, transitions: &[Transition], out: &mut Vec<AccessWrite>) -> u64;
+    fn remote(&mut self, transitions: &[PresenceTransition], out: &mut Vec<TableWrite>) -> u64;
     /// The batch was committed (true), or nothing of it was written (false): undo.
     fn finished(&mut self, committed: bool);
 }
@@ -132,13 +131,17 @@ pub enum Change {
     /// Put every dead letter of the sink back in its queue (after the config was fixed).
     /// Answers how many.
     Replay { sink: SinkId },
-    /// Rows of the access engine's tables (people, shifts, acknowledged transitions).
-    Access(Vec<AccessWrite>),
-    /// Presence transitions of the other gateways (applied when newer); answers how many were.
-    RemotePresence(Vec<Transition>),
-    /// These badges (badge, person) gained a person: re-publish their UnknownBadge clockings
-    /// with it, to MQTT only (Protime maps badges itself). Answers how many.
-    ResolveBadges(Vec<(String, String)>),
+    /// Rows of the state tables (people, shifts, acknowledged transitions).
+    Tables(Vec<TableWrite>),
+    /// Presence transitions of the other gateways, handed to the [`AccessHook`] (which applies
+    /// the newer ones); answers how many were.
+    RemotePresence(Vec<PresenceTransition>),
+    /// These badges (badge, person) gained a person: the UnknownBadge clockings held for them
+    /// are queued again for `sink` with it. Answers how many.
+    RequeueHeld {
+        sink: SinkId,
+        badges: Vec<(String, String)>,
+    },
 }
 
 /// A clocking set aside by a sink.
@@ -551,7 +554,7 @@ impl WriterState {
         let sinks = self.store.sinks().to_vec();
         let mut results = Vec::new();
         let mut counts = Vec::new();
-        let mut access_rows: Vec<AccessWrite> = Vec::new();
+        let mut table_rows: Vec<TableWrite> = Vec::new();
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -588,7 +591,7 @@ impl WriterState {
                             }
                             if let Some(hook) = self.access.as_mut() {
                                 let d = decide.get(i).copied().unwrap_or(false);
-                                hook.clocking(c, d, &TxnReads(&txn), &mut access_rows);
+                                hook.clocking(c, d, &TxnReads(&txn), &mut table_rows);
                             }
                             let seq = self.next_seq;
                             self.next_seq += 1;
@@ -701,22 +704,22 @@ impl WriterState {
                                 }
                                 seqs.len() as u64
                             }
-                            Change::Access(rows) => {
-                                access_rows.append(rows);
+                            Change::Tables(rows) => {
+                                table_rows.append(rows);
                                 0
                             }
                             Change::RemotePresence(transitions) => match self.access.as_mut() {
-                                Some(hook) => hook.remote(transitions, &mut access_rows),
+                                Some(hook) => hook.remote(transitions, &mut table_rows),
                                 None => 0,
                             },
-                            Change::ResolveBadges(badges) => {
+                            Change::RequeueHeld { sink, badges } => {
                                 // The UnknownBadge rows of this batch must be in the table first.
-                                tables::apply(&txn, &std::mem::take(&mut access_rows))?;
-                                let mqtt = sinks.iter().position(|s| *s == SinkId::Mqtt);
+                                tables::apply(&txn, &std::mem::take(&mut table_rows))?;
+                                let target = sinks.iter().position(|s| s == sink);
                                 let mut n = 0;
                                 for (badge, person) in badges.iter() {
                                     for bytes in tables::take_unknown(&txn, badge)? {
-                                        let Some(idx) = mqtt else { continue };
+                                        let Some(idx) = target else { continue };
                                         let Ok(mut c) = postcard::from_bytes::<Clocking>(&bytes)
                                         else {
                                             continue;
@@ -747,7 +750,7 @@ impl WriterState {
             meta.insert(META_NEXT_SEQ, self.next_seq)
                 .map_err(StoreError::from_redb)?;
         }
-        tables::apply(&txn, &access_rows)?;
+        tables::apply(&txn, &table_rows)?;
         txn.commit().map_err(StoreError::from_redb)?;
         self.undurable = match durability {
             // A durable commit carries every earlier one to disk.

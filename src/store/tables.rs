@@ -1,4 +1,5 @@
-//! The access engine's tables. Values are opaque bytes here (postcard, encoded by `access::`);
+//! The state tables beside the outbox, kept for the access engine (through [`super::AccessHook`]
+//! and [`TableWrite`]). Values are opaque bytes here (postcard, encoded by whoever writes them);
 //! the store only knows their keys, so that it stays the one module touching the database.
 //!
 //! - `presence`: subject (`p:` person / `b:` badge) → presence. Written in the same transaction
@@ -25,9 +26,9 @@ pub(crate) const DECISIONS: TableDefinition<(&str, i64, &str), &[u8]> =
 pub(crate) const UNKNOWN_BADGES: TableDefinition<(&str, i64, [u8; 16]), &[u8]> =
     TableDefinition::new("unknown_badges");
 
-/// One row change the access engine asks for, written in the writer's transaction.
+/// One row change of the state tables, written in the writer's transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessWrite {
+pub enum TableWrite {
     /// Hold a presence; `unsent` marks it for publishing on the site topic.
     Presence {
         subject: String,
@@ -75,10 +76,7 @@ pub(crate) fn init(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 }
 
 /// Apply the engine's row changes inside the writer's transaction.
-pub(crate) fn apply(
-    txn: &redb::WriteTransaction,
-    writes: &[AccessWrite],
-) -> Result<(), StoreError> {
+pub(crate) fn apply(txn: &redb::WriteTransaction, writes: &[TableWrite]) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -94,7 +92,7 @@ pub(crate) fn apply(
         .map_err(StoreError::from_redb)?;
     for w in writes {
         match w {
-            AccessWrite::Presence {
+            TableWrite::Presence {
                 subject,
                 value,
                 unsent: mark,
@@ -116,7 +114,7 @@ pub(crate) fn apply(
                     }
                 }
             }
-            AccessWrite::Sent { subject, clocking } => {
+            TableWrite::Sent { subject, clocking } => {
                 let current = unsent
                     .get(subject.as_str())
                     .map_err(StoreError::from_redb)?
@@ -127,7 +125,7 @@ pub(crate) fn apply(
                         .map_err(StoreError::from_redb)?;
                 }
             }
-            AccessWrite::Person { origin, id, value } => match value {
+            TableWrite::Person { origin, id, value } => match value {
                 Some(v) => {
                     people
                         .insert((*origin, id.as_str()), v.as_slice())
@@ -139,7 +137,7 @@ pub(crate) fn apply(
                         .map_err(StoreError::from_redb)?;
                 }
             },
-            AccessWrite::Shifts {
+            TableWrite::Shifts {
                 person,
                 from_ms,
                 to_ms,
@@ -155,7 +153,7 @@ pub(crate) fn apply(
                         .map_err(StoreError::from_redb)?;
                 }
             }
-            AccessWrite::Decision {
+            TableWrite::Decision {
                 terminal,
                 minute,
                 badge,
@@ -168,7 +166,7 @@ pub(crate) fn apply(
                     )
                     .map_err(StoreError::from_redb)?;
             }
-            AccessWrite::UnknownBadge {
+            TableWrite::UnknownBadge {
                 badge,
                 at_ms,
                 id,
