@@ -308,9 +308,11 @@ async fn a_502_after_the_post_landed_is_looked_up_not_reposted() {
         })
         .collect();
     api.post_all(agent, &items).await;
-    eventually("300 clockings delivered", Duration::from_secs(240), || async {
-        protime_queue(api, agent).await == (0, 0)
-    })
+    eventually(
+        "300 clockings delivered",
+        Duration::from_secs(240),
+        || async { protime_queue(api, agent).await == (0, 0) },
+    )
     .await;
     let stored = ctl.clockings();
     let distinct: std::collections::BTreeSet<_> = stored
@@ -386,7 +388,11 @@ async fn a_clocking_redated_overnight_is_found_by_the_lookup() {
     .await;
     wait_protime(api, agent, (0, 0)).await;
     let stored = ctl.clockings();
-    assert_eq!(stored.len(), 1, "found on the previous date, not posted again");
+    assert_eq!(
+        stored.len(),
+        1,
+        "found on the previous date, not posted again"
+    );
     assert_eq!(stored[0].date.to_string(), "2026-07-01");
     assert_eq!(stored[0].time_of_day_in_minutes, 1470);
     assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 1);
@@ -427,7 +433,10 @@ async fn a_409_becomes_a_dead_letter_and_the_queue_moves_on() {
     let reasons = dead_letter_reasons(agent).await;
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(reasons[0].contains("409"), "{reasons:?}");
-    assert!(reasons[0].contains("locked"), "Protime's reason: {reasons:?}");
+    assert!(
+        reasons[0].contains("locked"),
+        "Protime's reason: {reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

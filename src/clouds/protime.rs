@@ -378,13 +378,16 @@ impl ProtimeClient {
             .append_pair("externalReferences", EXTERNAL_REFERENCES);
         let mut found = Vec::new();
         let mut bad = None;
-        self.list(CALL_FIND_CLOCKING, url, false, |item: Value| {
-            match parse_clocking(&item) {
+        self.list(
+            CALL_FIND_CLOCKING,
+            url,
+            false,
+            |item: Value| match parse_clocking(&item) {
                 Ok(r) if is_same_clocking(c, &r) => found.push(r),
                 Ok(_) => {}
                 Err(e) => bad = Some(e),
-            }
-        })
+            },
+        )
         .await?;
         // An item we cannot read might be ours: counting without it could make the caller post
         // a duplicate, so the lookup fails (and is repeated later) instead.
@@ -1213,7 +1216,11 @@ pub(crate) mod tests {
                 .expect_err("in doubt");
             assert!(err.may_have_landed(), "{err}");
         }
-        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 5, "one POST each");
+        assert_eq!(
+            ctl.wire().count(endpoint::POST_CLOCKINGS),
+            5,
+            "one POST each"
+        );
         assert_eq!(ctl.clockings().len(), 3, "the proxy's victims were stored");
         // 429 says "not processed": that one is retried in place.
         ctl.wire().fail_next_on(
@@ -1274,7 +1281,10 @@ pub(crate) mod tests {
             };
             let reason = reasons.join("; ");
             assert!(reason.contains(&format!("HTTP {status}")), "{reason}");
-            assert!(reason.contains("clocking"), "Protime's reason kept: {reason}");
+            assert!(
+                reason.contains("clocking"),
+                "Protime's reason kept: {reason}"
+            );
         }
         assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3, "not retried");
         assert!(ctl.clockings().is_empty());

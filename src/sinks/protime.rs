@@ -497,9 +497,15 @@ mod tests {
         };
         let post = configuration_problem(&refused("POST /clockings"), "a b");
         assert!(post.starts_with("configuration problem"), "{post}");
-        assert!(post.contains("connector-protimeapi-clockings.write"), "{post}");
+        assert!(
+            post.contains("connector-protimeapi-clockings.write"),
+            "{post}"
+        );
         let lookup = configuration_problem(&refused("GET /clockings"), "a b");
-        assert!(lookup.contains("connector-protimeapi-clockings.read"), "{lookup}");
+        assert!(
+            lookup.contains("connector-protimeapi-clockings.read"),
+            "{lookup}"
+        );
         let login = configuration_problem(&refused(CALL_TOKEN), "scope-a scope-b");
         assert!(login.contains("scope-a scope-b"), "{login}");
     }

@@ -691,8 +691,7 @@ impl ProtimeControl {
     pub fn withhold_scope(&self, scope: &str, status: u16) {
         let mut st = lock(&self.state);
         st.withheld_scopes.push(scope.to_string());
-        st.missing_scope_status =
-            StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        st.missing_scope_status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
     }
 
     /// Tokens issued from now on carry every scope asked for again.
@@ -916,10 +915,8 @@ fn proxy_page(status: StatusCode) -> Response {
         "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
     );
     let mut resp = (status, body).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     resp
 }
 
