@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use badgegate::kit::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
+use badgegate::kit::fakes::protime::{
+    endpoint, FakeProtime, Person, PostFault, Terminal, SCOPE_CLOCKINGS_WRITE,
+};
 use badgegate::kit::fakes::Fault;
 use serde_json::Value;
 use support::*;
@@ -253,4 +255,220 @@ async fn protime_unreachable_for_a_while_then_everything_delivered() {
     ctl.wire().set_outage(false);
     wait_protime(api, agent, (0, 0)).await;
     assert_eq!(ctl.clockings().len(), 20, "each exactly once");
+}
+
+/// The dead letters' reasons `queue list` shows for the Protime sink.
+async fn dead_letter_reasons(agent: &AgentProc) -> Vec<String> {
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+    let listed = tokio::task::spawn_blocking(move || {
+        badgegate()
+            .args([
+                "queue", "list", "--config", &cfg, "--sink", "protime", "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .flat_map(|v| {
+            v["dead_letters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|d| d["reason"].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_502_after_the_post_landed_is_looked_up_not_reposted() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    // What a reverse proxy in front of a slow backend does: the backend stores the clocking,
+    // the proxy answers 502/504/408; and once the connection is reset after the store.
+    ctl.fail_post(23, PostFault::StoreThenAnswer(502));
+    ctl.fail_post(41, PostFault::StoreThenAnswer(504));
+    ctl.fail_post(97, PostFault::StoreThenAnswer(408));
+    ctl.fail_post(150, PostFault::StoreThenReset);
+    let items: Vec<Value> = (0..300)
+        .map(|i| {
+            clocking(
+                if i % 2 == 0 { "gate-1" } else { "gate-2" },
+                if i % 3 == 0 { "4711" } else { "4712" },
+                &format!("2026-07-03T{:02}:{:02}:00+02:00", 6 + i / 60, i % 60),
+                "in",
+            )
+        })
+        .collect();
+    api.post_all(agent, &items).await;
+    eventually(
+        "300 clockings delivered",
+        Duration::from_secs(240),
+        || async { protime_queue(api, agent).await == (0, 0) },
+    )
+    .await;
+    let stored = ctl.clockings();
+    let distinct: std::collections::BTreeSet<_> = stored
+        .iter()
+        .map(|c| (c.person_id, c.date, c.time_of_day_in_minutes, c.terminal_id))
+        .collect();
+    assert_eq!(distinct.len(), 300, "every clocking arrived");
+    assert_eq!(stored.len(), 300, "and none twice");
+    assert_eq!(
+        ctl.wire().count(endpoint::POST_CLOCKINGS),
+        300,
+        "the four in doubt were found by the lookup, not posted again"
+    );
+    assert!(ctl.wire().count(endpoint::GET_CLOCKINGS) >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clockings_of_one_badge_in_one_minute_both_arrive_once() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    // An In at 08:00:10 and an Out at 08:00:40: Protime keeps both as the same InOut minute.
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:00:10+02:00", "in"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    // The Out's POST is cut before Protime processed it: the lookup finds the In, which is not
+    // the Out.
+    ctl.wire()
+        .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::DropConnection);
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:00:40+02:00", "out"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    assert_eq!(ctl.clockings().len(), 2, "the Out was not taken for the In");
+    assert!(ctl.wire().count(endpoint::GET_CLOCKINGS) >= 1, "it looked");
+    assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3);
+
+    // A third one that minute lands behind a 502: found (three matches, two delivered before),
+    // not posted again.
+    ctl.fail_post(4, PostFault::StoreThenAnswer(502));
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:00:55+02:00", "in"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    assert_eq!(ctl.clockings().len(), 3);
+    assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clocking_redated_overnight_is_found_by_the_lookup() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    // The schedule books clockings before 06:00 on the night shift that began the day before.
+    ctl.set_overnight_until(Some(360));
+    ctl.wire()
+        .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::ProcessThenDrop);
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T00:30:00+02:00", "out"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    let stored = ctl.clockings();
+    assert_eq!(
+        stored.len(),
+        1,
+        "found on the previous date, not posted again"
+    );
+    assert_eq!(stored[0].date.to_string(), "2026-07-01");
+    assert_eq!(stored[0].time_of_day_in_minutes, 1470);
+    assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 1);
+    assert!(ctl.wire().count(endpoint::GET_CLOCKINGS) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_becomes_a_dead_letter_and_the_queue_moves_on() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    ctl.add_people(&[(3, "4713")]);
+    ctl.refuse_badge("4713", 409);
+    api.post(
+        agent,
+        &clocking("gate-1", "4713", "2026-07-02T08:00:00+02:00", "in"),
+    )
+    .await;
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:01:00+02:00", "in"),
+    )
+    .await;
+    api.post(
+        agent,
+        &clocking("gate-2", "4712", "2026-07-02T08:02:00+02:00", "in"),
+    )
+    .await;
+    wait_protime(api, agent, (0, 1)).await;
+    assert_eq!(ctl.clockings().len(), 2, "the queue went on");
+    assert_eq!(
+        ctl.wire().count(endpoint::POST_CLOCKINGS),
+        3,
+        "the refused one was posted once"
+    );
+    let reasons = dead_letter_reasons(agent).await;
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("409"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("locked"),
+        "Protime's reason: {reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_missing_scope_is_reported_as_configuration() {
+    let rig = rig().await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    // The client's grant lost clockings.write: tokens come without it, POSTs answer 401.
+    ctl.withhold_scope(SCOPE_CLOCKINGS_WRITE, 401);
+    api.post(
+        agent,
+        &clocking("gate-1", "4711", "2026-07-02T08:00:00+02:00", "in"),
+    )
+    .await;
+    let last_error = || async {
+        let (_, health) = api.get_json(agent, "/healthz").await;
+        health["protime"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    eventually("the missing scope reported", LONG, || async {
+        last_error().await.contains(SCOPE_CLOCKINGS_WRITE)
+    })
+    .await;
+    let reported = last_error().await;
+    assert!(reported.starts_with("configuration problem"), "{reported}");
+    // Not the clocking's fault: no dead letter, it waits in the queue.
+    assert_eq!(protime_queue(api, agent).await, (1, 0));
+    assert!(ctl.clockings().is_empty());
+    // One attempt (and the one fresh login a 401 earns), then a slow retry, not a storm.
+    assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 2);
 }

@@ -2,9 +2,15 @@
 //! with the duplicate check a lost answer needs, the access-clockings delta feed, and people.
 //!
 //! Vendor quirks handled here:
-//! - No idempotency key: a `POST /clockings` whose answer was lost MAY have been stored. It is
-//!   reported as [`ErrorKind::AnswerLost`] (never retried here); the caller looks it up with
-//!   [`ProtimeClient::find_clocking`] before sending it again.
+//! - No idempotency key: a `POST /clockings` whose answer was lost MAY have been stored. So may
+//!   one answered 5xx or 408 (a reverse proxy in front of a slow backend answers 502/504 while the
+//!   backend goes on and stores it). All of these are reported as [`ErrorKind::AnswerLost`]
+//!   (never retried here); the caller looks the clocking up with
+//!   [`ProtimeClient::find_clocking`] before sending it again. Only 429 (and failures to connect,
+//!   where nothing was sent) are retried in place.
+//! - Protime books overnight clockings on the day its schedule says, not on the date sent: a
+//!   00:30 clocking may come back dated the day before at minute 1470. The lookup lists the dates
+//!   around the clocking's and compares absolute minutes.
 //! - Lists answer `{"value":[..],"nextLink":".."}` and an EMPTY `value` with a `nextLink` is not
 //!   the end: only a missing `nextLink` is.
 //! - The first `?delta` round lists plain items; `deltaLink` answers wrap them in
@@ -19,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
@@ -47,7 +53,8 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 /// A listing longer than this many pages is treated as a vendor loop, not data.
 const MAX_PAGES: usize = 10_000;
 
-const CALL_TOKEN: &str = "POST connect/token";
+/// The token call, as named in errors (a refused login is not a refused API call).
+pub const CALL_TOKEN: &str = "POST connect/token";
 const CALL_POST_CLOCKING: &str = "POST /clockings";
 const CALL_FIND_CLOCKING: &str = "GET /clockings";
 const CALL_ACCESS_INITIAL: &str = "GET /access-clockings?delta";
@@ -97,6 +104,18 @@ pub enum PostOutcome {
     Accepted { operation_location: Option<String> },
 }
 
+impl ProtimeClocking {
+    /// Minutes since 0001-01-01 00:00 of the tenant's wall clock: the same instant whichever day
+    /// Protime books it on (`2026-07-02` minute 30 = `2026-07-01` minute 1470).
+    pub fn absolute_minute(&self) -> i64 {
+        absolute_minute(self.date, self.time_of_day_in_minutes)
+    }
+}
+
+fn absolute_minute(date: NaiveDate, minutes: i32) -> i64 {
+    i64::from(date.num_days_from_ce()) * 1440 + i64::from(minutes)
+}
+
 /// A time clocking as Protime lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteClocking {
@@ -105,6 +124,8 @@ pub struct RemoteClocking {
     pub badge_number: Option<String>,
     pub date: NaiveDate,
     pub time_of_day_in_minutes: i32,
+    /// The minute as first registered, present only when someone edited the clocking.
+    pub original_time_of_day_in_minutes: Option<i32>,
     pub kind: ClockingKind,
     pub terminal_id: Option<i64>,
     pub terminal_code: Option<String>,
@@ -303,10 +324,16 @@ impl ProtimeClient {
         })
     }
 
-    /// `POST /clockings`. Retries 429 (after `Retry-After`), 5xx and connection failures; never
-    /// retries once the request may have been written: that is [`ErrorKind::AnswerLost`]. Any
-    /// 400 is [`ErrorKind::Rejected`] with the vendor's reasons (validation: sending the same
-    /// content again cannot succeed).
+    /// The scopes this client asks for, space separated (as sent to the token endpoint).
+    pub fn scopes(&self) -> &str {
+        &self.inner.scopes
+    }
+
+    /// `POST /clockings`. Retries 429 (after `Retry-After`) and failures to connect; never
+    /// retries once the request may have been processed: a lost answer, a timeout, a 5xx or a 408
+    /// is [`ErrorKind::AnswerLost`]. 400, 404, 409 and 422 are [`ErrorKind::Rejected`] with the
+    /// vendor's reasons (sending the same content again cannot succeed); 401/403 are
+    /// [`ErrorKind::Auth`] (see [`scope_for_call`]).
     pub async fn post_clocking(&self, c: &ProtimeClocking) -> Result<PostOutcome, CloudError> {
         let url = self.url("clockings")?;
         let body = ClockingBody::from(c);
@@ -323,44 +350,53 @@ impl ProtimeClient {
             .await
     }
 
-    /// Looks for a clocking identical to `c` (person, date, minute, kind and, when `c` names one,
-    /// terminal) with `GET /clockings?filter=..`, following `nextLink` across empty pages. With a
-    /// [`PersonRef::Id`] the filter names the person; with a badge number it lists the day and
-    /// matches the `@badge-number` reference.
+    /// Every listed clocking that is `c` as Protime keeps it: same person, kind, terminal (when
+    /// `c` names one) and instant. The instant is compared as an absolute minute over the dates
+    /// from the day before to the day after `c.date`, because Protime books overnight clockings
+    /// on the day its schedule says (a 00:30 clocking may be listed the day before at 1470); an
+    /// edited clocking also matches by its `originalTimeOfDayInMinutes`. Soft-deleted clockings
+    /// are listed by Protime and counted: they were stored. Two clockings of one badge in one
+    /// minute are identical here, so the caller counts matches (see the Protime sink).
+    ///
+    /// With a [`PersonRef::Id`] the filter names the person; with a badge number it lists the
+    /// days and matches the `@badge-number` reference. Follows `nextLink` across empty pages.
     pub async fn find_clocking(
         &self,
         c: &ProtimeClocking,
-    ) -> Result<Option<RemoteClocking>, CloudError> {
-        let day = c.date.format("%Y-%m-%d");
+    ) -> Result<Vec<RemoteClocking>, CloudError> {
+        let day = |d: Option<NaiveDate>| d.unwrap_or(c.date).format("%Y-%m-%d");
+        let (from, to) = (day(c.date.pred_opt()), day(c.date.succ_opt()));
         let filter = match &c.person {
             PersonRef::Id(id) => {
-                format!("person in ({id}) and date ge '{day}' and date le '{day}'")
+                format!("person in ({id}) and date ge '{from}' and date le '{to}'")
             }
-            PersonRef::BadgeNumber(_) => format!("date ge '{day}' and date le '{day}'"),
+            PersonRef::BadgeNumber(_) => format!("date ge '{from}' and date le '{to}'"),
         };
         let mut url = self.url("clockings")?;
         url.query_pairs_mut()
             .append_pair("filter", &filter)
             .append_pair("externalReferences", EXTERNAL_REFERENCES);
-        let mut found = None;
+        let mut found = Vec::new();
         let mut bad = None;
-        self.list(CALL_FIND_CLOCKING, url, false, |item: Value| {
-            if found.is_some() || bad.is_some() {
-                return;
-            }
-            match parse_clocking(&item) {
-                Ok(r) if is_same_clocking(c, &r) => found = Some(r),
+        self.list(
+            CALL_FIND_CLOCKING,
+            url,
+            false,
+            |item: Value| match parse_clocking(&item) {
+                Ok(r) if is_same_clocking(c, &r) => found.push(r),
                 Ok(_) => {}
                 Err(e) => bad = Some(e),
-            }
-        })
+            },
+        )
         .await?;
+        // An item we cannot read might be ours: counting without it could make the caller post
+        // a duplicate, so the lookup fails (and is repeated later) instead.
         match bad {
-            Some(detail) if found.is_none() => Err(self
+            Some(detail) => Err(self
                 .inner
                 .http
                 .error(CALL_FIND_CLOCKING, ErrorKind::Malformed { detail })),
-            _ => Ok(found),
+            None => Ok(found),
         }
     }
 
@@ -582,12 +618,50 @@ pub(crate) fn parse_post_answer(a: &Answer) -> Verdict<PostOutcome> {
             }
             Verdict::Fail(ErrorKind::Rejected { reasons })
         }
+        // Protime refuses this clocking for good (404: what it refers to does not exist, 409:
+        // conflicts with what Protime holds, 422: a business rule). Sending it again cannot
+        // succeed; the whole answer is the reason. A 404 without Protime's error envelope is not
+        // Protime speaking (a wrong base URL, a proxy): a configuration problem, not a verdict on
+        // this clocking.
+        StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+            if a.status != StatusCode::NOT_FOUND || has_error_envelope(a) =>
+        {
+            Verdict::Fail(ErrorKind::Rejected {
+                reasons: vec![vendor_answer(a).to_string()],
+            })
+        }
+        // A 5xx or a 408 answers for whatever sits in front of the backend (Protime's gateway,
+        // a reverse proxy): the backend may have stored the clocking after, or while, the proxy
+        // gave up. In doubt, like a lost answer: never a blind retry of the POST.
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+            Verdict::Fail(ErrorKind::AnswerLost {
+                detail: format!("{}", vendor_answer(a)),
+            })
+        }
         // A success status we do not know (a proxy's 200 page...): we cannot tell whether the
         // clocking was stored, so it is treated like a lost answer.
         s if s.is_success() => Verdict::Fail(ErrorKind::AnswerLost {
             detail: format!("unexpected HTTP {} answer: {}", s.as_u16(), a.snippet()),
         }),
         _ => by_status(a, vendor_answer(a)),
+    }
+}
+
+/// Whether the body is Protime's `{"error":{..}}` envelope (or its `validationErrors`).
+fn has_error_envelope(a: &Answer) -> bool {
+    serde_json::from_slice::<Value>(&a.body)
+        .is_ok_and(|v| v["error"].is_object() || v.get("validationErrors").is_some())
+}
+
+/// The scope a refused call needs: what to grant when Protime answers 401/403 (or the token
+/// endpoint `invalid_scope`) for it. `None` for calls this module does not make.
+pub fn scope_for_call(call: &str) -> Option<&'static str> {
+    match call {
+        CALL_POST_CLOCKING => Some(SCOPE_CLOCKINGS_WRITE),
+        CALL_FIND_CLOCKING => Some(SCOPE_CLOCKINGS_READ),
+        CALL_ACCESS_INITIAL | CALL_ACCESS_DELTA => Some(SCOPE_ACCESS_CLOCKINGS_READ),
+        CALL_PEOPLE => Some(SCOPE_PEOPLE_READ),
+        _ => None,
     }
 }
 
@@ -699,6 +773,8 @@ struct ClockingItem {
     person: Option<RefItem>,
     date: NaiveDate,
     time_of_day_in_minutes: i32,
+    #[serde(default)]
+    original_time_of_day_in_minutes: Option<i32>,
     kind: ClockingKind,
     #[serde(default)]
     terminal: Option<RefItem>,
@@ -771,6 +847,7 @@ pub(crate) fn parse_clocking(item: &Value) -> Result<RemoteClocking, String> {
         badge_number: person.external_references.badge_number,
         date: c.date,
         time_of_day_in_minutes: c.time_of_day_in_minutes,
+        original_time_of_day_in_minutes: c.original_time_of_day_in_minutes,
         kind: c.kind,
         terminal_id: terminal.id,
         terminal_code: terminal.external_references.external_code,
@@ -788,11 +865,11 @@ fn is_same_clocking(c: &ProtimeClocking, r: &RemoteClocking) -> bool {
         Some(TerminalRef::Id(id)) => r.terminal_id == Some(*id),
         Some(TerminalRef::ExternalCode(code)) => r.terminal_code.as_deref() == Some(code.as_str()),
     };
-    person
-        && terminal
-        && r.date == c.date
-        && r.time_of_day_in_minutes == c.time_of_day_in_minutes
-        && r.kind == c.kind
+    let at = c.absolute_minute();
+    let instant = absolute_minute(r.date, r.time_of_day_in_minutes) == at
+        || r.original_time_of_day_in_minutes
+            .is_some_and(|m| absolute_minute(r.date, m) == at);
+    person && terminal && instant && r.kind == c.kind
 }
 
 /// A plain item (initial round) or a `{"changeType","data"}` wrapper (deltaLink rounds).
@@ -1114,19 +1191,50 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn server_errors_are_retried_then_succeed_and_the_attempts_are_bounded() {
+    async fn a_5xx_or_408_on_the_post_is_in_doubt_and_never_reposted() {
         let (fake, ctl) = start().await;
         let client = client_for(&fake, fast_options());
+        // A proxy's 502/504/408 after the backend stored it, and Protime's own 500/503.
+        ctl.fail_post(1, fake::PostFault::StoreThenAnswer(502));
+        ctl.fail_post(2, fake::PostFault::StoreThenAnswer(504));
+        ctl.fail_post(3, fake::PostFault::StoreThenAnswer(408));
+        for (i, want) in [502, 504, 408].into_iter().enumerate() {
+            let c = clocking("6767676", 480 + i as i32);
+            let err = client.post_clocking(&c).await.expect_err("in doubt");
+            assert!(err.may_have_landed(), "{err}");
+            assert!(err.to_string().contains(&want.to_string()), "{err}");
+            assert_eq!(client.find_clocking(&c).await.expect("lookup").len(), 1);
+        }
         ctl.wire()
             .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::InternalError);
         ctl.wire()
             .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::Unavailable);
+        for _ in 0..2 {
+            let err = client
+                .post_clocking(&clocking("1111", 600))
+                .await
+                .expect_err("in doubt");
+            assert!(err.may_have_landed(), "{err}");
+        }
+        assert_eq!(
+            ctl.wire().count(endpoint::POST_CLOCKINGS),
+            5,
+            "one POST each"
+        );
+        assert_eq!(ctl.clockings().len(), 3, "the proxy's victims were stored");
+        // 429 says "not processed": that one is retried in place.
+        ctl.wire().fail_next_on(
+            endpoint::POST_CLOCKINGS,
+            1,
+            Fault::RateLimited {
+                retry_after_secs: 0,
+            },
+        );
         client
-            .post_clocking(&clocking("6767676", 480))
+            .post_clocking(&clocking("1111", 600))
             .await
-            .expect("after two 5xx");
-        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3);
-        assert_eq!(ctl.clockings().len(), 1);
+            .expect("after 429");
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 7);
 
         ctl.wire()
             .fail_next_on(endpoint::PEOPLE, 100, Fault::Unavailable);
@@ -1138,6 +1246,110 @@ pub(crate) mod tests {
         assert!(err.is_transient());
         assert_eq!(ctl.wire().count(endpoint::PEOPLE), 4, "max_attempts");
         ctl.wire().clear_faults();
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_post_was_stored_is_in_doubt() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        ctl.fail_post(2, fake::PostFault::StoreThenReset);
+        client
+            .post_clocking(&clocking("6767676", 480))
+            .await
+            .expect("first");
+        let c = clocking("6767676", 481);
+        let err = client.post_clocking(&c).await.expect_err("reset");
+        assert!(err.may_have_landed(), "{err}");
+        assert_eq!(client.find_clocking(&c).await.expect("lookup").len(), 1);
+        assert_eq!(ctl.clockings().len(), 2);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn permanent_refusals_are_rejected_with_protimes_reason() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        for status in [404, 409, 422] {
+            ctl.refuse_badge("1111", status);
+            let err = client
+                .post_clocking(&clocking("1111", 600))
+                .await
+                .expect_err("refused");
+            let ErrorKind::Rejected { reasons } = &err.kind else {
+                panic!("{status}: {err}");
+            };
+            let reason = reasons.join("; ");
+            assert!(reason.contains(&format!("HTTP {status}")), "{reason}");
+            assert!(
+                reason.contains("clocking"),
+                "Protime's reason kept: {reason}"
+            );
+        }
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 3, "not retried");
+        assert!(ctl.clockings().is_empty());
+        fake.shutdown().await;
+    }
+
+    #[test]
+    fn a_404_without_protimes_envelope_is_not_a_verdict_on_the_clocking() {
+        let answer = |body: &'static str| Answer {
+            status: StatusCode::NOT_FOUND,
+            headers: Default::default(),
+            body: bytes::Bytes::from_static(body.as_bytes()),
+        };
+        assert!(matches!(
+            parse_post_answer(&answer("<html>Not Found</html>")),
+            Verdict::Fail(ErrorKind::Vendor(_))
+        ));
+        assert!(matches!(
+            parse_post_answer(&answer(r#"{"error":{"code":"NotFound","message":"m"}}"#)),
+            Verdict::Fail(ErrorKind::Rejected { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_missing_scope_is_an_auth_error_of_the_call_that_needs_it() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        ctl.withhold_scope(fake::SCOPE_CLOCKINGS_WRITE, 401);
+        let err = client
+            .post_clocking(&clocking("1111", 600))
+            .await
+            .expect_err("no scope");
+        assert!(matches!(err.kind, ErrorKind::Auth(_)), "{err}");
+        assert_eq!(scope_for_call(err.call), Some(SCOPE_CLOCKINGS_WRITE));
+        // A 401 means one fresh login and one more try, no more.
+        assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 2);
+        assert!(ctl.clockings().is_empty());
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_lookup_finds_redated_clockings_and_every_same_minute_one() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        // 00:30 on 2 March, booked by the schedule on 1 March at minute 1470.
+        ctl.set_overnight_until(Some(360));
+        let night = clocking("6767676", 30);
+        client.post_clocking(&night).await.expect("post");
+        let stored = ctl.clockings();
+        assert_eq!(
+            (stored[0].date, stored[0].time_of_day_in_minutes),
+            (day("2026-03-01"), 1470)
+        );
+        assert_eq!(client.find_clocking(&night).await.expect("find").len(), 1);
+        let last = ctl.wire().log().last().cloned().expect("logged");
+        assert!(last.uri.contains("2026-03-01"), "{}", last.uri);
+        // Two identical clockings of one minute are both listed: the caller counts.
+        ctl.set_overnight_until(None);
+        let day_shift = clocking("6767676", 480);
+        client.post_clocking(&day_shift).await.expect("in");
+        client.post_clocking(&day_shift).await.expect("out");
+        assert_eq!(
+            client.find_clocking(&day_shift).await.expect("find").len(),
+            2
+        );
         fake.shutdown().await;
     }
 
@@ -1180,14 +1392,16 @@ pub(crate) mod tests {
         );
         // What a sink does next: look before re-sending.
         let found = client.find_clocking(&c).await.expect("lookup");
-        let found = found.expect("the clocking landed");
+        let [found] = found.as_slice() else {
+            panic!("the clocking landed once: {found:?}");
+        };
         assert_eq!(found.badge_number.as_deref(), Some("6767676"));
         assert_eq!(found.terminal_code.as_deref(), Some("gate-north"));
         assert_eq!(ctl.clockings().len(), 1, "exactly one stored");
         // A different minute is not the same clocking.
         assert_eq!(
             client.find_clocking(&clocking("6767676", 481)).await,
-            Ok(None)
+            Ok(vec![])
         );
         // By person id the filter names the person.
         let by_id = ProtimeClocking {
@@ -1195,7 +1409,7 @@ pub(crate) mod tests {
             terminal: Some(TerminalRef::Id(7)),
             ..c.clone()
         };
-        assert!(client.find_clocking(&by_id).await.expect("by id").is_some());
+        assert_eq!(client.find_clocking(&by_id).await.expect("by id").len(), 1);
         let last = ctl.wire().log().last().cloned().expect("logged");
         assert!(last.uri.contains("person+in+%281%29"), "{}", last.uri);
         fake.shutdown().await;
@@ -1220,7 +1434,7 @@ pub(crate) mod tests {
         );
         let err = client.post_clocking(&c).await.expect_err("timeout");
         assert!(err.may_have_landed(), "{err}");
-        assert!(client.find_clocking(&c).await.expect("lookup").is_some());
+        assert_eq!(client.find_clocking(&c).await.expect("lookup").len(), 1);
         assert_eq!(ctl.clockings().len(), 1);
         assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 1);
         fake.shutdown().await;
@@ -1239,7 +1453,7 @@ pub(crate) mod tests {
         assert!(err.is_transient() || err.may_have_landed(), "{err}");
         ctl.wire().set_outage(false);
         if err.may_have_landed() {
-            assert_eq!(client.find_clocking(&c).await, Ok(None));
+            assert_eq!(client.find_clocking(&c).await, Ok(vec![]));
         }
         client.post_clocking(&c).await.expect("back up");
         assert_eq!(ctl.clockings().len(), 1);
@@ -1263,7 +1477,8 @@ pub(crate) mod tests {
             .find_clocking(&clocking("2222", 404))
             .await
             .expect("find");
-        assert_eq!(found.map(|f| f.time_of_day_in_minutes), Some(404));
+        let minutes: Vec<i32> = found.iter().map(|f| f.time_of_day_in_minutes).collect();
+        assert_eq!(minutes, vec![404]);
         // 3 data pages, each preceded by 2 empty ones.
         assert_eq!(ctl.wire().count(endpoint::GET_CLOCKINGS), 9);
         fake.shutdown().await;

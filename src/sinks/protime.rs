@@ -1,35 +1,129 @@
 //! Protime sink: each clocking becomes a `POST /clockings` (kind InOut, the tenant's wall clock,
 //! person by `@badge-number`, terminal by `@external-code`), confirmed to the store on 201/202.
 //!
-//! Protime has no idempotency key, so a POST whose answer was lost may have landed. Before every
-//! POST the sink durably records the clocking as "in doubt"; if the answer is lost, or the agent
-//! dies mid-request, the next attempt first looks the clocking up (`GET /clockings?filter=..`)
-//! and only POSTs when it is not there. Never a duplicate in Protime.
+//! Protime has no idempotency key, so a POST may have landed although no success came back: the
+//! answer was lost, the request timed out, the connection was reset, or whatever sits in front of
+//! Protime (its gateway, a reverse proxy) answered 5xx or 408 while the backend went on and
+//! stored it. Before every POST the sink durably records the clocking as "in doubt"; the next
+//! attempt at an in-doubt clocking first looks it up (`GET /clockings?filter=..`) and only POSTs
+//! when it is not there. Never a blind retry of a POST, never a duplicate in Protime.
 //!
-//! A clocking Protime rejects (400: unknown badge, bad terminal code...) cannot succeed by
-//! retrying: it becomes a dead letter with Protime's reasons, visible in `queue stats`,
-//! `/metrics` and `status`, and replayable with `badgegate queue replay-dead-letters` once the
-//! cause is fixed. It never blocks the queue.
+//! The lookup cannot tell two of our clockings apart when Protime keeps them identically: one
+//! badge, one terminal, one minute (an In and an Out a few seconds apart, a double badge), since
+//! the agent sends them as the same InOut minute. So it counts. The [`Ledger`] remembers the key
+//! ([`clocking_key`]) of the last [`RECENT`] clockings delivered; the in-doubt clocking landed
+//! iff Protime lists MORE clockings matching it than the ledger holds delivered ones with its
+//! key. Clockings with one key come from one terminal within one minute, so they sit next to each
+//! other in the queue, far inside the ledger's window. Protime keeps soft-deleted clockings in
+//! its lists, so an HR deletion does not upset the count. Whichever day Protime books a clocking
+//! on (overnight shifts: a 00:30 clocking may be booked the day before at minute 1470), the
+//! lookup compares instants, not dates (see [`ProtimeClient::find_clocking`]).
+//!
+//! A clocking Protime refuses for good (400: unknown badge, bad terminal code...; 404, 409, 422)
+//! cannot succeed by retrying: it becomes a dead letter with Protime's reasons, visible in
+//! `queue stats`, `/metrics` and `status`, and replayable with
+//! `badgegate queue replay-dead-letters` once the cause is fixed. It never blocks the queue.
+//! A refused token or call (401/403: a missing scope, revoked credentials) is a configuration
+//! problem, not the clocking's: the queue waits, retrying every [`CONFIG_RETRY`], and the error
+//! names the scope to grant (logged at error, and shown as Protime's last error in `status`).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Timelike;
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::clouds::protime::{
-    ClockingKind, PersonRef, ProtimeClient, ProtimeClocking, TerminalRef,
+    scope_for_call, ClockingKind, PersonRef, ProtimeClient, ProtimeClocking, TerminalRef,
+    CALL_TOKEN,
 };
 use crate::clouds::{CloudError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::model::Clocking;
 use crate::store::{Change, SinkId, Store, StoreError, WriterHandle};
 
-/// State key: the seq of the clocking whose POST may or may not have landed.
-const IN_DOUBT: &str = "protime.in_doubt";
+/// State key of the [`Ledger`] (postcard).
+const LEDGER: &str = "protime.ledger";
+/// Before the ledger, the seq in doubt (8 bytes, big-endian): read once when upgrading.
+const LEGACY_IN_DOUBT: &str = "protime.in_doubt";
+/// Deliveries the ledger remembers (about 4 KB of state).
+pub const RECENT: usize = 256;
+/// How often a refused token or call is tried again: the fix is a human's.
+pub const CONFIG_RETRY: Duration = Duration::from_secs(60);
+
+/// What Protime keeps of a clocking, hashed: two clockings with one key are indistinguishable
+/// in Protime's lists.
+pub type ClockingKey = [u8; 8];
+
+/// The sink's durable memory: which clocking may have landed without us seeing a success, and
+/// the keys of the last [`RECENT`] delivered ones, to count against the lookup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub in_doubt: Option<u64>,
+    /// (seq, key), oldest first.
+    pub recent: VecDeque<(u64, ClockingKey)>,
+}
+
+impl Ledger {
+    /// Whether `seq` is known delivered (recorded, but the store's confirmation may not have
+    /// been committed before a crash).
+    pub fn delivered(&self, seq: u64) -> bool {
+        self.recent.iter().any(|(s, _)| *s == seq)
+    }
+
+    /// Our other clockings with `key` Protime already holds.
+    pub fn delivered_with_key(&self, seq: u64, key: ClockingKey) -> usize {
+        self.recent
+            .iter()
+            .filter(|(s, k)| *s != seq && *k == key)
+            .count()
+    }
+
+    /// The in-doubt clocking landed iff Protime lists more matches than we delivered before.
+    pub fn landed(&self, seq: u64, key: ClockingKey, matches_in_protime: usize) -> bool {
+        matches_in_protime > self.delivered_with_key(seq, key)
+    }
+
+    /// `seq` is delivered: remembered, no longer in doubt.
+    pub fn record(&mut self, seq: u64, key: ClockingKey) {
+        if !self.delivered(seq) {
+            self.recent.push_back((seq, key));
+        }
+        while self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+        self.in_doubt = None;
+    }
+}
+
+/// The key of what Protime keeps of `pc`: person, terminal, instant (as an absolute minute, so
+/// a re-dated clocking keeps its key) and kind.
+pub fn clocking_key(pc: &ProtimeClocking) -> ClockingKey {
+    let mut h = Sha256::new();
+    match &pc.person {
+        PersonRef::Id(id) => h.update(format!("person-id:{id}")),
+        PersonRef::BadgeNumber(b) => h.update(format!("badge:{b}")),
+    }
+    h.update([0x1f]);
+    match &pc.terminal {
+        None => h.update("no-terminal"),
+        Some(TerminalRef::Id(id)) => h.update(format!("terminal-id:{id}")),
+        Some(TerminalRef::ExternalCode(code)) => h.update(format!("terminal:{code}")),
+    }
+    h.update([0x1f]);
+    h.update(pc.absolute_minute().to_be_bytes());
+    h.update(format!("{:?}", pc.kind));
+    let digest = h.finalize();
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    key
+}
 
 pub struct ProtimeSink {
     client: ProtimeClient,
@@ -37,6 +131,9 @@ pub struct ProtimeSink {
     store: Arc<Store>,
     writer: WriterHandle,
     metrics: Arc<Metrics>,
+    ledger: Ledger,
+    /// The pre-ledger in-doubt mark still in the store (cleared once the ledger is written).
+    legacy_mark: bool,
 }
 
 /// What Protime gets for a clocking: date and minute of day in the tenant's zone.
@@ -59,16 +156,40 @@ impl ProtimeSink {
         writer: WriterHandle,
         metrics: Arc<Metrics>,
     ) -> ProtimeSink {
+        let mut ledger = match store.state(LEDGER) {
+            Ok(Some(bytes)) if !bytes.is_empty() => postcard::from_bytes(&bytes)
+                .unwrap_or_else(|e| {
+                    // Losing it only costs the count: the in-doubt clocking is looked up anyway.
+                    tracing::error!(error = %e, "the Protime delivery ledger is unreadable; starting a new one");
+                    Ledger::default()
+                }),
+            Ok(_) => Ledger::default(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the Protime delivery ledger; starting a new one");
+                Ledger::default()
+            }
+        };
+        let legacy = store
+            .state(LEGACY_IN_DOUBT)
+            .ok()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes);
+        if ledger.in_doubt.is_none() {
+            ledger.in_doubt = legacy;
+        }
         ProtimeSink {
             client,
             tz,
             store,
             writer,
             metrics,
+            ledger,
+            legacy_mark: legacy.is_some(),
         }
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
         let mut committed = self.writer.committed();
         loop {
@@ -119,70 +240,105 @@ impl ProtimeSink {
             .map(|mut v| v.pop())
     }
 
-    fn in_doubt(&self) -> Option<u64> {
-        self.store
-            .state(IN_DOUBT)
-            .ok()
-            .flatten()
-            .and_then(|b| b.try_into().ok().map(u64::from_be_bytes))
-    }
-
-    async fn set_in_doubt(&self, seq: Option<u64>) -> Result<(), StoreError> {
-        let value = seq.map_or_else(Vec::new, |s| s.to_be_bytes().to_vec());
+    async fn save_ledger(&mut self) -> Result<(), StoreError> {
+        let value = postcard::to_allocvec(&self.ledger)
+            .map_err(|e| StoreError::Io(format!("encoding the Protime ledger: {e}")))?;
         self.writer
             .change(Change::PutState {
-                key: IN_DOUBT.into(),
+                key: LEDGER.into(),
                 value,
             })
-            .await
-            .map(|_| ())
+            .await?;
+        if self.legacy_mark {
+            self.writer
+                .change(Change::PutState {
+                    key: LEGACY_IN_DOUBT.into(),
+                    value: Vec::new(),
+                })
+                .await?;
+            self.legacy_mark = false;
+        }
+        Ok(())
     }
 
     /// Deliver one clocking. Err carries how long to wait before trying again (None: backoff).
-    async fn deliver(&self, seq: u64, c: &Clocking) -> Result<(), Option<Duration>> {
+    async fn deliver(&mut self, seq: u64, c: &Clocking) -> Result<(), Option<Duration>> {
         let pc = to_protime(c, self.tz);
-        if self.in_doubt() == Some(seq) {
+        let key = clocking_key(&pc);
+        if self.ledger.delivered(seq) {
+            // Recorded as delivered, but the agent stopped before the store confirmed it.
+            return self.confirmed(seq, c).await;
+        }
+        if self.ledger.in_doubt == Some(seq) {
             match self.client.find_clocking(&pc).await {
-                Ok(Some(found)) => {
-                    tracing::info!(id = %c.id, protime_id = found.id, "a POST whose answer was lost had landed; not sending it again");
-                    return self.confirmed(seq, c).await;
+                Ok(found) if self.ledger.landed(seq, key, found.len()) => {
+                    let ids: Vec<i64> = found.iter().map(|f| f.id).collect();
+                    tracing::info!(id = %c.id, protime_ids = ?ids, "a POST without a success answer had landed; not sending it again");
+                    return self.delivered(seq, key, c).await;
                 }
-                Ok(None) => {}
+                Ok(found) => {
+                    tracing::info!(id = %c.id, matches = found.len(), "a POST without a success answer had not landed; sending it again");
+                }
                 Err(e) => return Err(self.failed(c, e)),
             }
         }
-        // Write-ahead: if the answer is lost or the agent dies from here on, the next attempt
+        // Write-ahead: if no success is seen or the agent dies from here on, the next attempt
         // looks first.
-        if let Err(e) = self.set_in_doubt(Some(seq)).await {
+        self.ledger.in_doubt = Some(seq);
+        if let Err(e) = self.save_ledger().await {
             tracing::error!(error = %e, "cannot record the Protime delivery attempt; not sending");
             return Err(None);
         }
         match self.client.post_clocking(&pc).await {
-            Ok(_) => self.confirmed(seq, c).await,
-            Err(e) => match &e.kind {
-                ErrorKind::Rejected { reasons } => {
-                    let reason = reasons.join("; ");
-                    tracing::warn!(id = %c.id, badge = %c.badge, terminal = %c.terminal, %reason, "Protime rejected the clocking: dead letter (replay after fixing the cause)");
-                    let dead = self
-                        .writer
-                        .change(Change::DeadLetter {
-                            sink: SinkId::Protime,
-                            seq,
-                            reason,
-                        })
-                        .await;
-                    let cleared = self.set_in_doubt(None).await;
-                    if dead.is_err() || cleared.is_err() {
-                        return Err(None);
-                    }
-                    self.metrics
-                        .protime_dead_letters
-                        .fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                _ => Err(self.failed(c, e)),
-            },
+            Ok(_) => self.delivered(seq, key, c).await,
+            Err(CloudError {
+                kind: ErrorKind::Rejected { reasons },
+                ..
+            }) => self.dead_letter(seq, c, reasons.join("; ")).await,
+            Err(e) => Err(self.failed(c, e)),
         }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        seq: u64,
+        c: &Clocking,
+        reason: String,
+    ) -> Result<(), Option<Duration>> {
+        tracing::warn!(id = %c.id, badge = %c.badge, terminal = %c.terminal, %reason, "Protime refused the clocking: dead letter (replay after fixing the cause)");
+        let dead = self
+            .writer
+            .change(Change::DeadLetter {
+                sink: SinkId::Protime,
+                seq,
+                reason,
+            })
+            .await;
+        self.ledger.in_doubt = None;
+        let cleared = self.save_ledger().await;
+        if dead.is_err() || cleared.is_err() {
+            return Err(None);
+        }
+        self.metrics
+            .protime_dead_letters
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Protime holds the clocking: remember it (durably, before the store lets it go) and confirm.
+    async fn delivered(
+        &mut self,
+        seq: u64,
+        key: ClockingKey,
+        c: &Clocking,
+    ) -> Result<(), Option<Duration>> {
+        self.ledger.record(seq, key);
+        if let Err(e) = self.save_ledger().await {
+            // In memory it is recorded: the next attempt confirms without sending.
+            tracing::error!(error = %e, "recording a Protime delivery failed");
+            return Err(None);
+        }
+        self.confirmed(seq, c).await
     }
 
     async fn confirmed(&self, seq: u64, c: &Clocking) -> Result<(), Option<Duration>> {
@@ -194,9 +350,6 @@ impl ProtimeSink {
             tracing::error!(error = %e, "recording a Protime confirmation failed");
             return Err(None);
         }
-        if let Err(e) = self.set_in_doubt(None).await {
-            tracing::error!(error = %e, "clearing the in-doubt mark failed");
-        }
         self.metrics
             .protime
             .delivered
@@ -205,21 +358,28 @@ impl ProtimeSink {
         Ok(())
     }
 
-    /// Log and count a failure; returns the vendor's requested pause, if any.
+    /// Log and count a failure; returns how long to pause when it is not the backoff's business.
     fn failed(&self, c: &Clocking, e: CloudError) -> Option<Duration> {
-        let transient = e.is_transient();
-        self.metrics.protime.connected.store(
+        let protime = &self.metrics.protime;
+        if matches!(e.kind, ErrorKind::Auth(_)) {
+            let message = configuration_problem(&e, self.client.scopes());
+            tracing::error!(id = %c.id, error = %e, "{message}");
+            protime.connected.store(false, Ordering::Relaxed);
+            protime.set_error(Some(message));
+            return Some(CONFIG_RETRY);
+        }
+        protime.connected.store(
             !matches!(
                 e.kind,
                 ErrorKind::Unreachable { .. } | ErrorKind::Network { .. }
             ),
             Ordering::Relaxed,
         );
-        self.metrics.protime.set_error(Some(e.to_string()));
+        protime.set_error(Some(e.to_string()));
         if e.may_have_landed() {
             // Not a configuration problem: the next attempt looks the clocking up first.
-            tracing::warn!(id = %c.id, error = %e, "Protime's answer was lost; looking the clocking up before sending it again");
-        } else if transient {
+            tracing::warn!(id = %c.id, error = %e, "Protime may have stored the clocking although no success came back; looking it up before sending it again");
+        } else if e.is_transient() {
             tracing::warn!(id = %c.id, error = %e, "Protime delivery failed; will retry");
         } else {
             tracing::error!(id = %c.id, error = %e, "Protime delivery failed; check the configuration (will retry)");
@@ -228,5 +388,125 @@ impl ProtimeSink {
             ErrorKind::RateLimited { retry_after, .. } => retry_after,
             _ => None,
         }
+    }
+}
+
+/// What to tell the operator when Protime refuses the agent itself (401/403, or no token).
+pub fn configuration_problem(e: &CloudError, requested_scopes: &str) -> String {
+    let retry = CONFIG_RETRY.as_secs();
+    let answer = match &e.kind {
+        ErrorKind::Auth(a) => a.to_string(),
+        other => other.to_string(),
+    };
+    if e.call == CALL_TOKEN {
+        return format!(
+            "configuration problem: Protime refused to issue a token ({answer}); check \
+             sinks.protime client_id and client secret, and that the API client is granted the \
+             scopes {requested_scopes}; retrying every {retry} s"
+        );
+    }
+    match scope_for_call(e.call) {
+        Some(scope) => format!(
+            "configuration problem: Protime refused {} ({answer}): the API client lacks the \
+             scope {scope} (or its grant was revoked); grant {scope} to the client in myProtime; \
+             retrying every {retry} s",
+            e.call
+        ),
+        None => format!(
+            "configuration problem: Protime refused {} ({answer}); retrying every {retry} s",
+            e.call
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    fn pc(date: &str, minutes: i32) -> ProtimeClocking {
+        ProtimeClocking {
+            person: PersonRef::BadgeNumber("4711".into()),
+            date: NaiveDate::parse_from_str(date, "%Y-%m-%d").expect("date"),
+            time_of_day_in_minutes: minutes,
+            kind: ClockingKind::InOut,
+            terminal: Some(TerminalRef::ExternalCode("gate-1".into())),
+        }
+    }
+
+    #[test]
+    fn the_key_is_what_protime_keeps_whichever_day_it_books_it_on() {
+        let k = clocking_key(&pc("2026-07-02", 30));
+        assert_eq!(k, clocking_key(&pc("2026-07-01", 1470)), "re-dated");
+        assert_ne!(k, clocking_key(&pc("2026-07-02", 31)));
+        let other_terminal = ProtimeClocking {
+            terminal: Some(TerminalRef::ExternalCode("gate-2".into())),
+            ..pc("2026-07-02", 30)
+        };
+        assert_ne!(k, clocking_key(&other_terminal));
+    }
+
+    #[test]
+    fn an_in_doubt_clocking_landed_only_when_protime_holds_more_than_we_delivered() {
+        let key = clocking_key(&pc("2026-07-02", 480));
+        let other = clocking_key(&pc("2026-07-02", 481));
+        let mut ledger = Ledger::default();
+        // Nothing of ours with that key yet: one match is ours.
+        assert!(!ledger.landed(10, key, 0));
+        assert!(ledger.landed(10, key, 1));
+        // The In of 08:00 was delivered; the Out of 08:00 is in doubt.
+        ledger.record(10, key);
+        ledger.record(11, other);
+        assert!(!ledger.landed(12, key, 1), "the one match is the In");
+        assert!(ledger.landed(12, key, 2));
+        // A crash after recording, before the store's confirmation: seq 10 is delivered, and
+        // its own entry does not count against it.
+        assert!(ledger.delivered(10));
+        assert!(ledger.landed(10, key, 1));
+    }
+
+    #[test]
+    fn the_ledger_keeps_the_last_deliveries_and_clears_the_doubt() {
+        let mut ledger = Ledger {
+            in_doubt: Some(7),
+            ..Ledger::default()
+        };
+        for seq in 0..(RECENT as u64 + 10) {
+            ledger.record(seq, [0; 8]);
+        }
+        assert_eq!(ledger.in_doubt, None);
+        assert_eq!(ledger.recent.len(), RECENT);
+        assert!(!ledger.delivered(9));
+        assert!(ledger.delivered(10));
+        ledger.record(10, [0; 8]);
+        assert_eq!(ledger.recent.len(), RECENT, "recorded once");
+        let bytes = postcard::to_allocvec(&ledger).expect("encode");
+        assert!(bytes.len() < 8 * 1024, "{} bytes", bytes.len());
+        assert_eq!(postcard::from_bytes::<Ledger>(&bytes), Ok(ledger));
+    }
+
+    #[test]
+    fn a_refused_call_names_the_scope_to_grant() {
+        let refused = |call| CloudError {
+            api: crate::clouds::Api::Protime,
+            call,
+            kind: ErrorKind::Auth(crate::clouds::VendorAnswer {
+                status: 401,
+                ..Default::default()
+            }),
+        };
+        let post = configuration_problem(&refused("POST /clockings"), "a b");
+        assert!(post.starts_with("configuration problem"), "{post}");
+        assert!(
+            post.contains("connector-protimeapi-clockings.write"),
+            "{post}"
+        );
+        let lookup = configuration_problem(&refused("GET /clockings"), "a b");
+        assert!(
+            lookup.contains("connector-protimeapi-clockings.read"),
+            "{lookup}"
+        );
+        let login = configuration_problem(&refused(CALL_TOKEN), "scope-a scope-b");
+        assert!(login.contains("scope-a scope-b"), "{login}");
     }
 }

@@ -1,5 +1,25 @@
 //! Fake Protime API (myProtime connector, `shared/reference/protime.md`).
 //!
+//! Follows Protime's published pages:
+//! - <https://documentation.myprotime.eu/protimeapi/reference/responses/>: the status codes
+//!   (401 bad token, 403 valid token without the scope, 404, 409 conflict, 429, 500, 503) and the
+//!   error bodies: `{"error":{"code","message"}}`, with `reasons` for controller validation, and
+//!   model validation errors without the `error` wrapper.
+//! - <https://documentation.myprotime.eu/protimeapi/reference/collections/clockings/post/>:
+//!   `POST /clockings` needs `connector-protimeapi-clockings.write`; 201 + `Location`; 400 for
+//!   validation, 401 "missing or invalid access token, or insufficient scope".
+//! - <https://documentation.myprotime.eu/protimeapi/concepts/clocking-model/>: overnight
+//!   clockings are booked on the day the schedule says (the standard approach sends 0..1439 and
+//!   Protime picks the day), so a clocking can come back dated the day before with a minute of
+//!   1440 or more ([`ProtimeControl::set_overnight_until`]).
+//! - <https://documentation.myprotime.eu/protimeapi/reference/collections/clockings/get-list/>:
+//!   `GET /clockings` needs `connector-protimeapi-clockings.read` and a date range.
+//!
+//! Post faults ([`PostFault`], [`ProtimeControl::fail_post`]) play what sits in front of
+//! Protime: a reverse proxy that answers 502/504 (its own HTML page, not Protime's envelope) or
+//! 408 while the backend stores the clocking anyway, a connection reset after the clocking was
+//! stored, and Protime's own permanent refusals (404/409/422 in its envelope).
+//!
 //! One server plays both hosts: the OAuth2 authority (`/tenants/{tenant}/connect/token`) and the
 //! connector API under [`API_PREFIX`].
 //!
@@ -191,6 +211,19 @@ pub enum PostAnswer {
     Accepted,
 }
 
+/// What a `POST /clockings` gets instead of the normal answer ([`ProtimeControl::fail_post`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostFault {
+    /// The clocking IS stored, then the answer is `status`: 502/504 as a reverse proxy's HTML
+    /// page (the proxy gave up on the slow backend), 408 likewise, anything else in Protime's
+    /// envelope.
+    StoreThenAnswer(u16),
+    /// The clocking IS stored, then the connection is cut before any answer (a reset).
+    StoreThenReset,
+    /// Not stored: Protime refuses it with `status` (404, 409, 422) in its error envelope.
+    Refuse(u16),
+}
+
 #[derive(Debug)]
 struct Token {
     scopes: Vec<String>,
@@ -286,6 +319,16 @@ struct State {
     delta_serial: u64,
     delta_expired_below: u64,
     delta_conflicts: u32,
+    /// By ordinal of `POST /clockings` (1 = the first one received).
+    post_faults: BTreeMap<u64, PostFault>,
+    /// Badge number → status every POST for it is refused with.
+    refused_badges: HashMap<String, u16>,
+    /// Clockings posted before this minute are booked on the previous day (+1440).
+    overnight_until: Option<i32>,
+    /// Scopes the token endpoint silently leaves out of the tokens it issues.
+    withheld_scopes: Vec<String>,
+    /// What a call whose token lacks the scope gets (403 by default; 401 is documented too).
+    missing_scope_status: StatusCode,
 }
 
 impl State {
@@ -323,6 +366,11 @@ impl State {
             delta_serial: 0,
             delta_expired_below: 0,
             delta_conflicts: 0,
+            post_faults: BTreeMap::new(),
+            refused_badges: HashMap::new(),
+            overnight_until: None,
+            withheld_scopes: Vec::new(),
+            missing_scope_status: StatusCode::FORBIDDEN,
         }
     }
 
@@ -610,6 +658,55 @@ impl ProtimeControl {
     pub fn set_delta_conflicts(&self, n: u32) {
         lock(&self.state).delta_conflicts = n;
     }
+
+    /// The `ordinal`-th `POST /clockings` received (counting from 1, faulted ones included) gets
+    /// `fault`. Ordinals already passed are ignored.
+    pub fn fail_post(&self, ordinal: u64, fault: PostFault) {
+        lock(&self.state).post_faults.insert(ordinal, fault);
+        if fault == PostFault::StoreThenReset {
+            self.arm_reset(ordinal);
+        }
+    }
+
+    /// Every `POST /clockings` for `badge` is refused with `status` (404/409/422), in Protime's
+    /// envelope, until [`Self::accept_badge`].
+    pub fn refuse_badge(&self, badge: &str, status: u16) {
+        lock(&self.state)
+            .refused_badges
+            .insert(badge.to_string(), status);
+    }
+
+    pub fn accept_badge(&self, badge: &str) {
+        lock(&self.state).refused_badges.remove(badge);
+    }
+
+    /// Overnight shifts: a clocking posted with a minute below `minute` (e.g. 360 for 06:00) is
+    /// booked on the previous day at minute + 1440, as Protime's schedule would. `None`: off.
+    pub fn set_overnight_until(&self, minute: Option<i32>) {
+        lock(&self.state).overnight_until = minute;
+    }
+
+    /// Tokens issued from now on lack `scope` although the client asked for it (a client whose
+    /// grant was narrowed), and calls needing it answer `status` (401 or 403).
+    pub fn withhold_scope(&self, scope: &str, status: u16) {
+        let mut st = lock(&self.state);
+        st.withheld_scopes.push(scope.to_string());
+        st.missing_scope_status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+    }
+
+    /// Tokens issued from now on carry every scope asked for again.
+    pub fn restore_scopes(&self) {
+        lock(&self.state).withheld_scopes.clear();
+    }
+
+    /// A reset needs the transport (a [`Fault::ProcessThenDrop`] on the wire): it is armed for
+    /// the next POST when that one is `ordinal`.
+    fn arm_reset(&self, ordinal: u64) {
+        if self.wire.count(endpoint::POST_CLOCKINGS) + 1 == ordinal {
+            self.wire
+                .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::ProcessThenDrop);
+        }
+    }
 }
 
 /// A running fake Protime.
@@ -779,6 +876,73 @@ fn oauth_error(code: &str) -> Response {
     resp
 }
 
+/// A token without the scope a call needs: 403 ("valid Bearer token but the service does not
+/// have the required scope") or 401 ("missing or invalid access token, or insufficient scope"),
+/// as the published pages say. The 401 body does not name the scope (the pages show none; the
+/// `WWW-Authenticate` challenge does, as RFC 6750 §3 has it); the 403 body lists it in `reasons`.
+fn missing_scope(status: StatusCode, needed: &str) -> Response {
+    let mut resp = if status == StatusCode::UNAUTHORIZED {
+        error(
+            status,
+            "Unauthorized",
+            "The request is not authorized.",
+            vec![],
+        )
+    } else {
+        error(
+            status,
+            "Forbidden",
+            "The access token does not grant the required scope.",
+            vec![format!("Missing scope {needed}.")],
+        )
+    };
+    let challenge = format!("Bearer error=\"insufficient_scope\", scope=\"{needed}\"");
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// What a reverse proxy (nginx) in front of Protime answers itself: an HTML page, not Protime's
+/// envelope.
+fn proxy_page(status: StatusCode) -> Response {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let body = format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    );
+    let mut resp = (status, body).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
+/// Protime's permanent refusal of a clocking, in its envelope.
+fn refusal(status: u16) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT);
+    let (code, message, reason) = match status {
+        StatusCode::NOT_FOUND => (
+            "NotFound",
+            "The requested resource does not exist.",
+            "The person has no contract on the clocking date.",
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY => (
+            "UnprocessableEntity",
+            "The request could not be processed.",
+            "The clocking date lies in a closed payroll period.",
+        ),
+        _ => (
+            "Conflict",
+            "Concurrency conflict.",
+            "The person's clockings for this day are locked by another change.",
+        ),
+    };
+    error(status, code, message, vec![reason.to_string()])
+}
+
 impl Vendor for ProtimeControl {
     fn wire(&self) -> &Wire {
         &self.wire
@@ -860,17 +1024,21 @@ impl Vendor for ProtimeControl {
         };
         if let Some(needed) = r.scope() {
             if !scopes.iter().any(|s| s == needed) {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "Forbidden",
-                    "The access token does not grant the required scope.",
-                    vec![format!("Missing scope {needed}.")],
-                );
+                return missing_scope(st.missing_scope_status, needed);
             }
         }
         let query = req.query();
         match r {
-            Route::PostClockings => post_clocking(&mut st, req),
+            Route::PostClockings => {
+                // This request is not counted on the wire yet.
+                let ordinal = self.wire.count(endpoint::POST_CLOCKINGS) + 1;
+                let fault = st.post_faults.remove(&ordinal);
+                if st.post_faults.get(&(ordinal + 1)) == Some(&PostFault::StoreThenReset) {
+                    self.wire
+                        .fail_next_on(endpoint::POST_CLOCKINGS, 1, Fault::ProcessThenDrop);
+                }
+                post_clocking(&mut st, req, fault)
+            }
             Route::GetClockings => list_clockings(&mut st, req, &query),
             Route::GetClocking(id) => get_clocking(&st, id, &query),
             Route::AccessClockings => list_access(&mut st, req, &query),
@@ -923,6 +1091,11 @@ fn token(st: &mut State, req: &FakeRequest) -> Response {
     if scopes.iter().any(|s| !st.allowed_scopes.contains(s)) {
         return oauth_error("invalid_scope");
     }
+    // RFC 6749 §3.3: the server may issue fewer scopes than asked for (and says so in `scope`).
+    let scopes: Vec<String> = scopes
+        .into_iter()
+        .filter(|s| !st.withheld_scopes.contains(s))
+        .collect();
     let lifetime = st.token_lifetime;
     let exp = Utc::now()
         .timestamp()
@@ -1137,7 +1310,10 @@ fn parse_kind(v: &Value) -> FieldResult<ClockingKind> {
     )
 }
 
-fn post_clocking(st: &mut State, req: &FakeRequest) -> Response {
+fn post_clocking(st: &mut State, req: &FakeRequest, fault: Option<PostFault>) -> Response {
+    if let Some(PostFault::Refuse(status)) = fault {
+        return refusal(status);
+    }
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
@@ -1164,6 +1340,21 @@ fn post_clocking(st: &mut State, req: &FakeRequest) -> Response {
     else {
         return validation_errors(errors.0);
     };
+    let badge = st
+        .people
+        .iter()
+        .find(|p| p.id == person_id)
+        .map(|p| p.badge_number.clone());
+    if let Some(status) = badge.and_then(|b| st.refused_badges.get(&b).copied()) {
+        return refusal(status);
+    }
+    // The schedule books an early-morning clocking on the night shift that began the day before.
+    let (date, minutes) = match (st.overnight_until, date.pred_opt()) {
+        (Some(until), Some(previous)) if (0..until).contains(&minutes) => {
+            (previous, minutes + 1440)
+        }
+        _ => (date, minutes),
+    };
     // No idempotency key exists: an identical second POST is stored again (documented).
     let id = st.next_clocking_id;
     st.next_clocking_id += 1;
@@ -1175,6 +1366,20 @@ fn post_clocking(st: &mut State, req: &FakeRequest) -> Response {
         kind,
         terminal_id,
     });
+    if let Some(PostFault::StoreThenAnswer(status)) = fault {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return match status {
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => {
+                proxy_page(status)
+            }
+            _ => error(
+                status,
+                "InternalServerError",
+                "An unexpected error occurred.",
+                vec![],
+            ),
+        };
+    }
     let (status, name, target) = match st.post_answer {
         PostAnswer::Created => (
             StatusCode::CREATED,
