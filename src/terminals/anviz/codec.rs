@@ -479,10 +479,7 @@ impl<F: Frame> Decoder<F> {
             self.start += skipped;
             return Some(Err(FrameError::Garbage { skipped }));
         }
-        let Some(&code) = pending.get(CODE_AT) else {
-            return None;
-        };
-        let header_len = F::header_len(code);
+        let header_len = F::header_len(*pending.get(CODE_AT)?);
         if pending.len() < header_len {
             return None;
         }
