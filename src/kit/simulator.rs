@@ -1306,4 +1306,77 @@ mod tests {
         assert!(TcpStream::connect(addr).await.is_err(), "still listening");
         assert_eq!(sim.link_count(), 0);
     }
+
+    #[tokio::test]
+    async fn heartbeats_are_request_shaped_and_pongs_are_counted() {
+        let sim = simulator();
+        let addr = sim.listen(localhost()).await.expect("listen");
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        within("the link", sim.wait_for_links(1)).await;
+        sim.set_heartbeat(Some(Duration::from_millis(10)));
+        let mut decoder = AnyFrameDecoder::new();
+        let beat = within("a heartbeat", async {
+            loop {
+                if let Some(item) = decoder.next_frame() {
+                    return item;
+                }
+                let mut buf = [0u8; 64];
+                let n = stream.read(&mut buf).await.expect("read");
+                decoder.push(&buf[..n]);
+            }
+        })
+        .await;
+        assert_eq!(
+            beat,
+            Ok(AnyFrame::Request(Request::new(
+                DEVICE,
+                cmd::HEARTBEAT,
+                Vec::new()
+            )))
+        );
+        sim.set_heartbeat(None);
+        let pong = codec::encode_response(&codec::pong(DEVICE)).expect("encodes");
+        within("write", stream.write_all(&pong))
+            .await
+            .expect("write");
+        let mut agent = Agent::from_stream(stream);
+        // The pong did not desynchronise the device: the next request is answered.
+        within("the pong", async {
+            while sim.stats().pongs_received == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert_eq!(agent.counts().await.all_records, 0);
+        assert_eq!(sim.stats().frames_rejected, 0);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_password_unlocks_the_link() {
+        let sim = Simulator::new(SimulatorConfig {
+            device_id: DEVICE,
+            password: Some("s3cret".into()),
+            ..SimulatorConfig::default()
+        });
+        let addr = sim.listen(localhost()).await.expect("listen");
+        let mut agent = Agent::connect(addr).await;
+        let cred = |p: &str| ConnectionPassword::new(p).encode().expect("fits");
+        assert_eq!(agent.call(cmd::GET_COUNTS, &[]).await.ret, Ret::Fail);
+        assert_eq!(
+            agent.call(cmd::AUTHENTICATE, &cred("nope")).await.ret,
+            Ret::Fail
+        );
+        assert_eq!(
+            agent.call(cmd::AUTHENTICATE, &cred("s3cret")).await.ret,
+            Ret::Ok
+        );
+        assert_eq!(agent.counts().await.all_records, 0);
+        let stats = sim.stats();
+        assert_eq!(
+            (stats.auth_required, stats.auth_failed, stats.auth_ok),
+            (1, 1, 1)
+        );
+        sim.stop().await;
+    }
 }
