@@ -156,6 +156,8 @@ pub struct TerminalConfig {
     pub crosschex_serial: Option<String>,
     /// The Aktion C4 controller (`C4Identification`) whose passages are this terminal's.
     pub aktion_c4: Option<String>,
+    /// Anviz: the connection password (command 0x04) sent before any other command.
+    pub password: Option<Secret>,
 }
 
 /// Timing of a device link (anviz terminals).
@@ -513,6 +515,7 @@ struct RawTerminal {
     direction: Option<String>,
     crosschex_serial: Option<String>,
     aktion_c4: Option<String>,
+    password_file: Option<PathBuf>,
     keepalive_secs: Option<u64>,
     backfill_interval_secs: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -1068,6 +1071,18 @@ impl Validator {
             };
             let crosschex_serial = self.cloud_id(&k("crosschex_serial"), t.crosschex_serial);
             let aktion_c4 = self.cloud_id(&k("aktion_c4"), t.aktion_c4);
+            let password = t
+                .password_file
+                .and_then(|p| self.secret(&k("password_file"), Some(p)));
+            if let Some(p) = &password {
+                if kind != TerminalKind::Anviz {
+                    self.problem(&k("password_file"), "is for kind = \"anviz\"");
+                } else if let Err(e) =
+                    crate::terminals::anviz::codec::ConnectionPassword::new(p.expose()).encode()
+                {
+                    self.problem(&k("password_file"), e.to_string());
+                }
+            }
             let d = LinkTiming::default();
             let secs = |v: Option<u64>, default: std::time::Duration| {
                 v.map_or(default, std::time::Duration::from_secs)
@@ -1103,6 +1118,7 @@ impl Validator {
                 link,
                 crosschex_serial,
                 aktion_c4,
+                password,
             });
         }
         // One device belongs to one terminal.

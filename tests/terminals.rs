@@ -394,3 +394,178 @@ async fn pushes_racing_a_backfill_never_clear_an_unstored_record() {
     })
     .await;
 }
+
+/// An `[[terminals]]` entry for a terminal that connects to the agent (client mode).
+fn anviz_listen(id: &str, listen: SocketAddr, device_id: u32) -> String {
+    format!(
+        "\n[[terminals]]\nid = \"{id}\"\nkind = \"anviz\"\nlisten = \"{listen}\"\ndevice_id = {device_id}\nrequest_timeout_ms = 2000\nkeepalive_secs = 1\nbackfill_interval_secs = 2\n"
+    )
+}
+
+/// Issue 16 item 3: a terminal in client mode sends its own heartbeat (request-shaped 0x7F)
+/// while real-time records flow. Every heartbeat gets a pong, every record arrives, and the
+/// link never loses step (before: 0 pongs, "no answer to command 0x3C", 1 of 10 records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_heartbeats_get_pongs_and_records_still_flow() {
+    let mosquitto = Mosquitto::start();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let sim = Simulator::new(SimulatorConfig {
+        device_id: 5,
+        ..SimulatorConfig::default()
+    });
+    sim.set_heartbeat(Some(Duration::from_millis(25)));
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start_with(
+        dir.path(),
+        &mosquitto.url(),
+        "",
+        &anviz_listen("north", listen, 5),
+    );
+    let api = Api::new();
+    wait_for_port(listen, Duration::from_secs(20));
+    sim.connect_to(listen);
+    sim.wait_for_links(1).await;
+
+    // Each record goes out right after a heartbeat, so pongs and pushes interleave.
+    for i in 0..10u64 {
+        let beats = sim.stats().heartbeats_sent;
+        eventually("the next heartbeat", LONG, || async {
+            sim.stats().heartbeats_sent > beats
+        })
+        .await;
+        sim.add_record(record(700 + i, i as i64, 0), true);
+    }
+    let got = receive(&mut sub, 10).await;
+    let badges: HashSet<String> = got
+        .iter()
+        .map(|v| v["badge"].as_str().unwrap().to_owned())
+        .collect();
+    let want: HashSet<String> = (700..710u64).map(|b| b.to_string()).collect();
+    assert_eq!(badges, want, "10 of 10 records");
+    eventually("acknowledged to the terminal", LONG, || async {
+        sim.new_count() == 0
+    })
+    .await;
+
+    sim.set_heartbeat(None);
+    let sent = sim.stats().heartbeats_sent;
+    assert!(sent >= 10, "{sent} heartbeats");
+    eventually("a pong for every heartbeat", LONG, || async {
+        sim.stats().pongs_received == sent
+    })
+    .await;
+    let stats = sim.stats();
+    assert_eq!(stats.links_opened, 1, "the link never dropped");
+    assert_eq!(stats.unexpected_responses, 0);
+    assert_eq!(
+        stats.frames_rejected, 0,
+        "the device could read every agent frame"
+    );
+    let (_, health) = api.get_json(&agent, "/healthz").await;
+    let north = &health["terminals"]["north"];
+    assert_eq!(north["connected"], true);
+    assert_eq!(north["frames_rejected"], 0, "heartbeats are not bad frames");
+    assert_eq!(north["last_error"], Value::Null);
+    assert_eq!(north["realtime_records"], 10);
+    assert!(!agent.log().contains("no answer to command"));
+}
+
+/// A terminal whose CH is not the configured `device_id` (a swapped address, a second
+/// terminal pointed at the wrong port): its pushes are refused and not stored, counted in the
+/// log, and the status names both ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_a_foreign_device_id_are_refused() {
+    let mosquitto = Mosquitto::start();
+    let (sim, addr) = simulator(9).await;
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    // A long request timeout: the link ends because of the foreign frames, not a timeout.
+    let extra = format!(
+        "\n[[terminals]]\nid = \"north\"\nkind = \"anviz\"\naddress = \"{addr}\"\ndevice_id = 7\nrequest_timeout_ms = 60000\n"
+    );
+    let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &extra);
+    let api = Api::new();
+    sim.wait_for_links(1).await;
+    for i in 0..3u64 {
+        sim.add_record(record(800 + i, i as i64, 0), true);
+    }
+    assert_eq!(sim.stats().realtime_pushes, 3, "pushed on the open link");
+
+    api.wait_health(&agent, "the foreign device reported", LONG, |h| {
+        h["terminals"]["north"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("device id 9") && e.contains("device_id 7"))
+    })
+    .await;
+    eventually("the refusal logged with its counter", LONG, || async {
+        agent.log().contains("foreign_frames=")
+    })
+    .await;
+
+    // A sentinel on the same terminal: a stored foreign record would arrive before it.
+    let (s, b) = api
+        .post(
+            &agent,
+            &clocking("north", "sentinel", "2026-06-01T09:00:00+02:00", "in"),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let (_, first, _) = sub.next(LONG).await.unwrap();
+    assert_eq!(first["badge"], "sentinel", "no foreign record stored");
+    assert_eq!(
+        sim.new_count(),
+        3,
+        "nothing acknowledged to the foreign device"
+    );
+    assert_eq!(sim.stats().clears_received, 0);
+}
+
+/// `password_file` with the wrong password: the terminal refuses 0x04 and the status says so;
+/// nothing is read from it. With the right password the same terminal's records flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_mismatch_is_reported_and_the_right_password_connects() {
+    let mosquitto = Mosquitto::start();
+    let sim = Simulator::new(SimulatorConfig {
+        device_id: 4,
+        password: Some("s3cret".into()),
+        ..SimulatorConfig::default()
+    });
+    let addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    sim.add_record(record(900, 0, 0), false);
+    let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("terminal.pw");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let extra = format!(
+        "{}password_file = \"{}\"\n",
+        anviz_connect("north", addr, 4),
+        pw.display()
+    );
+    let mut agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &extra);
+    let api = Api::new();
+
+    api.wait_health(&agent, "the refusal reported", LONG, |h| {
+        h["terminals"]["north"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("password"))
+    })
+    .await;
+    let stats = sim.stats();
+    assert!(stats.auth_failed >= 1);
+    assert_eq!(stats.auth_ok, 0);
+    assert_eq!(
+        stats.auth_required, 0,
+        "nothing was asked before the password"
+    );
+    assert_eq!(sim.new_count(), 1);
+    assert!(!agent.log().contains("wrong"), "the password is not logged");
+
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    agent.kill9();
+    agent.spawn();
+    let got = receive(&mut sub, 1).await;
+    assert_eq!(got[0]["badge"], "900");
+    eventually("acknowledged", LONG, || async { sim.new_count() == 0 }).await;
+    assert!(sim.stats().auth_ok >= 1);
+}

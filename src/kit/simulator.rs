@@ -22,6 +22,15 @@
 //!   records keep their new-flag until the agent clears it.
 //! - **`corrupt_next_crc`** applies to every frame the device sends, answers and pushes.
 //! - **Idle timeout** counts from the last bytes received from the agent.
+//! - **Heartbeat** ([`Simulator::set_heartbeat`]): every link sends the device-initiated
+//!   request-shaped 0x7F (8-byte header, LEN 0) at that interval and counts it
+//!   ([`SimStats::heartbeats_sent`]); a pong from the agent (response-shaped, ACK 0xFF) is counted
+//!   in [`SimStats::pongs_received`]. Frames from the agent are decoded by shape (byte 5), so a
+//!   pong never desynchronises the device.
+//! - **Connection password** ([`SimulatorConfig::password`]): 0x04 with user "admin" and that
+//!   password is answered `RET Ok` and unlocks the link; any other is answered `RET Fail`
+//!   ([`SimStats::auth_failed`]). Until a link is unlocked every other request is answered
+//!   `RET Fail`. Without a password, 0x04 is answered `RET Ok`.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -37,8 +46,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::terminals::anviz::codec::{
-    self, cmd, ClearRequest, Counts, DownloadParam, DownloadRequest, FrameError, Record, Request,
-    RequestDecoder, Response, Ret,
+    self, cmd, AnyFrame, AnyFrameDecoder, ClearRequest, ConnectionPassword, Counts, DownloadParam,
+    DownloadRequest, FrameError, Record, Request, Response, Ret,
 };
 
 /// First and longest pause between client-mode connection attempts.
@@ -53,6 +62,8 @@ pub struct SimulatorConfig {
     pub device_id: u32,
     /// Simulated clock = system local time + this offset; a terminal clock is rarely right.
     pub clock_offset: TimeDelta,
+    /// Connection password (0x04) every link must present before anything else.
+    pub password: Option<String>,
 }
 
 impl Default for SimulatorConfig {
@@ -60,6 +71,7 @@ impl Default for SimulatorConfig {
         SimulatorConfig {
             device_id: 1,
             clock_offset: TimeDelta::zero(),
+            password: None,
         }
     }
 }
@@ -90,6 +102,17 @@ pub struct SimStats {
     pub idle_drops: u64,
     /// Records `add_record` refused because the wire cannot carry them.
     pub records_refused: u64,
+    /// Device-initiated heartbeats (0x7F) sent.
+    pub heartbeats_sent: u64,
+    /// Pongs (ACK 0xFF) received from the agent.
+    pub pongs_received: u64,
+    /// Response-shaped frames from the agent other than pongs.
+    pub unexpected_responses: u64,
+    /// Connection passwords (0x04) accepted and refused.
+    pub auth_ok: u64,
+    pub auth_failed: u64,
+    /// Requests refused because the link had not presented the password.
+    pub auth_required: u64,
 }
 
 /// Cheap to clone; all clones drive the same device. Call [`Simulator::stop`] when done: the
@@ -110,6 +133,7 @@ impl std::fmt::Debug for Simulator {
 
 struct Inner {
     device_id: u32,
+    password: Option<String>,
     state: Mutex<State>,
     /// Number of open links, for [`Simulator::wait_for_links`].
     link_count: watch::Sender<usize>,
@@ -126,6 +150,7 @@ struct State {
     block_clears: bool,
     answer_delay: Duration,
     idle_timeout: Option<Duration>,
+    heartbeat: Option<Duration>,
     links: HashMap<u64, LinkHandle>,
     next_link_id: u64,
     listeners: Vec<ListenerHandle>,
@@ -150,7 +175,7 @@ struct LinkHandle {
 enum LinkEvent {
     /// An encoded frame to send (real-time push).
     Push(Vec<u8>),
-    /// The idle timeout changed: recompute the deadline.
+    /// The idle timeout or heartbeat changed: recompute the deadlines.
     Wake,
 }
 
@@ -164,6 +189,8 @@ struct ListenerHandle {
 struct Session {
     cursor: Option<Cursor>,
     last_packet: Vec<Record>,
+    /// The connection password was presented (or none is required).
+    unlocked: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -184,6 +211,7 @@ impl Simulator {
             block_clears: false,
             answer_delay: Duration::ZERO,
             idle_timeout: None,
+            heartbeat: None,
             links: HashMap::new(),
             next_link_id: 0,
             listeners: Vec::new(),
@@ -193,6 +221,7 @@ impl Simulator {
         Simulator {
             inner: Arc::new(Inner {
                 device_id: cfg.device_id,
+                password: cfg.password,
                 state: Mutex::new(state),
                 link_count: watch::Sender::new(0),
             }),
@@ -328,6 +357,17 @@ impl Simulator {
         }
     }
 
+    /// Every link sends a device heartbeat (0x7F) this often; `None` stops them. Applies to
+    /// open links at once.
+    pub fn set_heartbeat(&self, every: Option<Duration>) {
+        let st = &mut *self.inner.lock();
+        st.heartbeat = every;
+        for link in st.links.values() {
+            // A closed receiver means the link is already ending.
+            let _ = link.events.send(LinkEvent::Wake);
+        }
+    }
+
     /// A power cycle: links drop, the listening sockets close and reopen on the same addresses.
     /// Records, new-flags, clock and settings are kept, as in the terminal's flash and RTC.
     /// Client-mode connectors reconnect on their own. A failure to re-bind is logged.
@@ -449,10 +489,56 @@ impl Inner {
             return None;
         }
         st.stats.requests_served += 1;
-        let (ret, data) = st.answer(session, req);
+        let (ret, data) = if req.cmd == cmd::AUTHENTICATE {
+            self.authenticate(&mut st, session, req)
+        } else if !session.unlocked && self.password.is_some() {
+            st.stats.auth_required += 1;
+            (Ret::Fail, Vec::new())
+        } else {
+            st.answer(session, req)
+        };
         let resp = Response::answer(self.device_id, req.cmd, ret, data);
         let frame = st.encode_outgoing(&resp)?;
         Some((frame, st.answer_delay))
+    }
+
+    fn authenticate(&self, st: &mut State, session: &mut Session, req: &Request) -> (Ret, Vec<u8>) {
+        let Some(want) = &self.password else {
+            return (Ret::Ok, Vec::new());
+        };
+        let ok = ConnectionPassword::decode(&req.data)
+            .is_ok_and(|got| got.user == ConnectionPassword::DEFAULT_USER && &got.password == want);
+        session.unlocked |= ok;
+        if ok {
+            st.stats.auth_ok += 1;
+            (Ret::Ok, Vec::new())
+        } else {
+            st.stats.auth_failed += 1;
+            (Ret::Fail, Vec::new())
+        }
+    }
+
+    /// A frame the agent sent in response shape: a pong, or something a device never asked for.
+    fn agent_response(&self, resp: &Response) {
+        let stats = &mut self.lock().stats;
+        if resp.ack == codec::PONG_ACK {
+            stats.pongs_received += 1;
+        } else {
+            tracing::debug!(
+                ack = resp.ack,
+                "simulated terminal got a response it never asked for"
+            );
+            stats.unexpected_responses += 1;
+        }
+    }
+
+    /// An encoded device heartbeat, counted.
+    fn heartbeat_frame(&self) -> Option<Vec<u8>> {
+        let frame =
+            codec::encode_request(&Request::new(self.device_id, cmd::HEARTBEAT, Vec::new()))
+                .ok()?;
+        self.lock().stats.heartbeats_sent += 1;
+        Some(frame)
     }
 
     fn count_rejected(&self, e: &FrameError) {
@@ -696,12 +782,19 @@ async fn run_link(
     // Frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let mut decoder = RequestDecoder::new();
+    let mut decoder = AnyFrameDecoder::new();
     let mut session = Session::default();
     let mut buf = [0u8; 1024];
     let mut last_heard = Instant::now();
+    let mut last_beat = Instant::now();
     loop {
-        let idle_deadline = inner.lock().idle_timeout.map(|d| last_heard + d);
+        let (idle_deadline, beat_at) = {
+            let st = inner.lock();
+            (
+                st.idle_timeout.map(|d| last_heard + d),
+                st.heartbeat.map(|d| last_beat + d),
+            )
+        };
         tokio::select! {
             read = reader.read(&mut buf) => {
                 let n = match read {
@@ -716,7 +809,8 @@ async fn run_link(
                 decoder.push(&buf[..n]);
                 while let Some(item) = decoder.next_frame() {
                     match item {
-                        Ok(req) => {
+                        Ok(AnyFrame::Response(resp)) => inner.agent_response(&resp),
+                        Ok(AnyFrame::Request(req)) => {
                             let Some((frame, delay)) = inner.serve(&mut session, &req) else {
                                 continue;
                             };
@@ -741,6 +835,14 @@ async fn run_link(
                 // Unregistered by drop_links, restart or stop.
                 None => return,
             },
+            () = expiry(beat_at) => {
+                last_beat = Instant::now();
+                if let Some(frame) = inner.heartbeat_frame() {
+                    if writer.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
             () = expiry(idle_deadline) => {
                 tracing::debug!("simulated terminal dropped an idle link");
                 inner.lock().stats.idle_drops += 1;
@@ -1203,5 +1305,78 @@ mod tests {
         agent.closed().await;
         assert!(TcpStream::connect(addr).await.is_err(), "still listening");
         assert_eq!(sim.link_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_are_request_shaped_and_pongs_are_counted() {
+        let sim = simulator();
+        let addr = sim.listen(localhost()).await.expect("listen");
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        within("the link", sim.wait_for_links(1)).await;
+        sim.set_heartbeat(Some(Duration::from_millis(10)));
+        let mut decoder = AnyFrameDecoder::new();
+        let beat = within("a heartbeat", async {
+            loop {
+                if let Some(item) = decoder.next_frame() {
+                    return item;
+                }
+                let mut buf = [0u8; 64];
+                let n = stream.read(&mut buf).await.expect("read");
+                decoder.push(&buf[..n]);
+            }
+        })
+        .await;
+        assert_eq!(
+            beat,
+            Ok(AnyFrame::Request(Request::new(
+                DEVICE,
+                cmd::HEARTBEAT,
+                Vec::new()
+            )))
+        );
+        sim.set_heartbeat(None);
+        let pong = codec::encode_response(&codec::pong(DEVICE)).expect("encodes");
+        within("write", stream.write_all(&pong))
+            .await
+            .expect("write");
+        let mut agent = Agent::from_stream(stream);
+        // The pong did not desynchronise the device: the next request is answered.
+        within("the pong", async {
+            while sim.stats().pongs_received == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert_eq!(agent.counts().await.all_records, 0);
+        assert_eq!(sim.stats().frames_rejected, 0);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_password_unlocks_the_link() {
+        let sim = Simulator::new(SimulatorConfig {
+            device_id: DEVICE,
+            password: Some("s3cret".into()),
+            ..SimulatorConfig::default()
+        });
+        let addr = sim.listen(localhost()).await.expect("listen");
+        let mut agent = Agent::connect(addr).await;
+        let cred = |p: &str| ConnectionPassword::new(p).encode().expect("fits");
+        assert_eq!(agent.call(cmd::GET_COUNTS, &[]).await.ret, Ret::Fail);
+        assert_eq!(
+            agent.call(cmd::AUTHENTICATE, &cred("nope")).await.ret,
+            Ret::Fail
+        );
+        assert_eq!(
+            agent.call(cmd::AUTHENTICATE, &cred("s3cret")).await.ret,
+            Ret::Ok
+        );
+        assert_eq!(agent.counts().await.all_records, 0);
+        let stats = sim.stats();
+        assert_eq!(
+            (stats.auth_required, stats.auth_failed, stats.auth_ok),
+            (1, 1, 1)
+        );
+        sim.stop().await;
     }
 }

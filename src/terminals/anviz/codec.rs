@@ -8,6 +8,15 @@
 //! response: A5 | CH u32 BE | ACK | RET | LEN u16 BE | DATA (0..=400) | CRC16 low, high
 //! ```
 //!
+//! Both ends start exchanges: the agent sends requests and reads answers, but a terminal also
+//! sends request-shaped frames of its own (the heartbeat 0x7F, which expects a response-shaped
+//! pong). Byte 5 tells the shapes apart: every command is below 0x80 and every answer's ACK is
+//! `CMD + 0x80`, so a frame whose byte 5 is 0x80 or more has the 9-byte response header and any
+//! other the 8-byte request header ([`is_response_code`]; the public MxLabs/Anviz SDK reads
+//! `Anviz.SDK/Responses/Response.cs` the same way). [`AnyFrameDecoder`] decodes such a mixed
+//! stream; a decoder for one shape only loses step on a frame of the other (it reads the wrong
+//! bytes as LEN).
+//!
 //! Choices this module documents for both ends of the link:
 //! - An empty download (0x40) is answered with `RET = Empty (5)` and `LEN = 0` by the simulator.
 //!   [`decode_download_answer`] accepts both that empty payload and `N = 0`, because firmware
@@ -52,7 +61,11 @@ pub mod cmd {
     pub const CLEAR_RECORDS: u8 = 0x4E;
     /// Never requested: the device pushes it (ACK 0xDF) after each verification.
     pub const REALTIME_RECORD: u8 = 0x5F;
+    /// Sent by the agent as a request, and by a terminal on its own (request-shaped, LEN 0);
+    /// the terminal's heartbeat is answered with [`pong`](super::pong).
     pub const HEARTBEAT: u8 = 0x7F;
+    /// Connection authentication (protocol v2.5): DATA is a [`ConnectionPassword`](super::ConnectionPassword).
+    pub const AUTHENTICATE: u8 = 0x04;
 }
 
 /// ACK byte of the answer to `cmd`.
@@ -62,6 +75,22 @@ pub const fn ack_for(cmd: u8) -> u8 {
 
 /// ACK byte of a real-time record push (0xDF).
 pub const REALTIME_ACK: u8 = ack_for(cmd::REALTIME_RECORD);
+
+/// ACK byte of the pong that answers a terminal's heartbeat (0xFF).
+pub const PONG_ACK: u8 = ack_for(cmd::HEARTBEAT);
+
+/// True when byte 5 of a frame is an ACK (response shape, 9-byte header), false for a CMD
+/// (request shape, 8-byte header).
+pub const fn is_response_code(code: u8) -> bool {
+    code >= 0x80
+}
+
+/// The answer to a terminal's heartbeat: response-shaped, ACK 0xFF, RET 0, LEN 0, carrying the
+/// terminal's own CH (MxLabs/Anviz `Anviz.SDK/AnvizStream.cs` answers 0x7F with
+/// `Commands/PongCommand.cs`, which `Commands/Command.cs` builds with a RET byte).
+pub fn pong(device_id: u32) -> Response {
+    Response::answer(device_id, cmd::HEARTBEAT, Ret::Ok, Vec::new())
+}
 
 /// The RET byte of a response. When it is not `Ok` the device sends `LEN = 0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,6 +260,11 @@ pub enum PayloadError {
     InvalidClock { bytes: [u8; 6] },
     #[error("clock {time} cannot be sent: the device stores years 2000..=2255")]
     ClockOutOfRange { time: NaiveDateTime },
+    #[error(
+        "connection {what} must be printable ASCII without NUL, at most {} bytes",
+        ConnectionPassword::FIELD_LEN
+    )]
+    Credential { what: &'static str },
 }
 
 /// CRC-16/MCRF4XX (reflected poly 0x8408, init 0xFFFF, no final xor) over STX..DATA.
@@ -291,22 +325,28 @@ pub fn encode_response(resp: &Response) -> Result<Vec<u8>, EncodeError> {
 mod sealed {
     /// Where LEN sits and how to build the frame once it is complete and CRC-checked.
     pub trait Layout: Sized {
-        /// STX through LEN; LEN is always the last two bytes.
-        const HEADER_LEN: usize;
-        /// `header` is exactly `HEADER_LEN` bytes (the decoder guarantees it).
+        /// STX through LEN for a frame whose byte 5 (CMD or ACK) is `code`; LEN is always the
+        /// last two bytes.
+        fn header_len(code: u8) -> usize;
+        /// `header` is exactly `header_len(header[5])` bytes (the decoder guarantees it).
         fn from_parts(header: &[u8], data: &[u8]) -> Self;
     }
 }
 
-/// A frame type the stream [`Decoder`] can produce: [`Request`] or [`Response`].
+/// A frame type the stream [`Decoder`] can produce: [`Request`], [`Response`] or [`AnyFrame`].
 pub trait Frame: sealed::Layout {}
+
+/// Bytes a decoder needs before it knows the header length: STX, CH and CMD/ACK.
+const CODE_AT: usize = 5;
 
 fn device_id_at(header: &[u8]) -> u32 {
     u32::from_be_bytes([header[1], header[2], header[3], header[4]])
 }
 
 impl sealed::Layout for Request {
-    const HEADER_LEN: usize = REQUEST_HEADER_LEN;
+    fn header_len(_code: u8) -> usize {
+        REQUEST_HEADER_LEN
+    }
     fn from_parts(header: &[u8], data: &[u8]) -> Request {
         Request {
             device_id: device_id_at(header),
@@ -318,7 +358,9 @@ impl sealed::Layout for Request {
 impl Frame for Request {}
 
 impl sealed::Layout for Response {
-    const HEADER_LEN: usize = RESPONSE_HEADER_LEN;
+    fn header_len(_code: u8) -> usize {
+        RESPONSE_HEADER_LEN
+    }
     fn from_parts(header: &[u8], data: &[u8]) -> Response {
         Response {
             device_id: device_id_at(header),
@@ -329,6 +371,51 @@ impl sealed::Layout for Response {
     }
 }
 impl Frame for Response {}
+
+/// A frame of either shape, told apart by byte 5 (see the module docs): what arrives on a link
+/// where both ends may start an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyFrame {
+    /// Request-shaped: from a terminal, one it starts itself (a heartbeat).
+    Request(Request),
+    /// Response-shaped: an answer, a real-time push or a pong.
+    Response(Response),
+}
+
+impl sealed::Layout for AnyFrame {
+    fn header_len(code: u8) -> usize {
+        if is_response_code(code) {
+            RESPONSE_HEADER_LEN
+        } else {
+            REQUEST_HEADER_LEN
+        }
+    }
+    fn from_parts(header: &[u8], data: &[u8]) -> AnyFrame {
+        if header.len() == RESPONSE_HEADER_LEN {
+            AnyFrame::Response(Response::from_parts(header, data))
+        } else {
+            AnyFrame::Request(Request::from_parts(header, data))
+        }
+    }
+}
+impl Frame for AnyFrame {}
+
+impl AnyFrame {
+    /// The CH of the frame.
+    pub fn device_id(&self) -> u32 {
+        match self {
+            AnyFrame::Request(r) => r.device_id,
+            AnyFrame::Response(r) => r.device_id,
+        }
+    }
+}
+
+pub fn encode_any(frame: &AnyFrame) -> Result<Vec<u8>, EncodeError> {
+    match frame {
+        AnyFrame::Request(r) => encode_request(r),
+        AnyFrame::Response(r) => encode_response(r),
+    }
+}
 
 /// Turns a TCP byte stream into frames, whatever the read boundaries are.
 ///
@@ -346,6 +433,9 @@ pub struct Decoder<F> {
 
 pub type RequestDecoder = Decoder<Request>;
 pub type ResponseDecoder = Decoder<Response>;
+/// Both shapes on one stream: what the agent reads from a terminal, and the simulator from the
+/// agent (requests and pongs).
+pub type AnyFrameDecoder = Decoder<AnyFrame>;
 
 impl<F: Frame> Default for Decoder<F> {
     fn default() -> Self {
@@ -389,7 +479,7 @@ impl<F: Frame> Decoder<F> {
             self.start += skipped;
             return Some(Err(FrameError::Garbage { skipped }));
         }
-        let header_len = F::HEADER_LEN;
+        let header_len = F::header_len(*pending.get(CODE_AT)?);
         if pending.len() < header_len {
             return None;
         }
@@ -716,6 +806,71 @@ pub fn decode_clear_answer(data: &[u8]) -> Result<Option<u32>, PayloadError> {
     }
     expect_len("clear answer", data, 3)?;
     Ok(Some(u24_from(data)))
+}
+
+/// DATA of a 0x04 request (connection authentication, protocol v2.5): the user name, then the
+/// password, each ASCII in a 12-byte field padded with zeros. Layout and the factory user
+/// "admin" from MxLabs/Anviz `Anviz.SDK/Commands/SetConnectionPassword.cs` and
+/// `Anviz.SDK/AnvizManager.cs`. The terminal answers RET Ok, or an error RET for a wrong
+/// password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionPassword {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ConnectionPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPassword")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionPassword {
+    pub const LEN: usize = 2 * Self::FIELD_LEN;
+    pub const FIELD_LEN: usize = 12;
+    /// The user the terminal's connection password belongs to on factory firmware.
+    pub const DEFAULT_USER: &'static str = "admin";
+
+    /// The factory user with `password`.
+    pub fn new(password: impl Into<String>) -> ConnectionPassword {
+        ConnectionPassword {
+            user: Self::DEFAULT_USER.to_owned(),
+            password: password.into(),
+        }
+    }
+
+    pub fn encode(&self) -> Result<[u8; ConnectionPassword::LEN], PayloadError> {
+        let mut out = [0u8; Self::LEN];
+        for (field, (value, what)) in out
+            .chunks_exact_mut(Self::FIELD_LEN)
+            .zip([(&self.user, "user"), (&self.password, "password")])
+        {
+            let bytes = value.as_bytes();
+            if bytes.len() > Self::FIELD_LEN || !bytes.iter().all(|b| (0x20..0x7F).contains(b)) {
+                return Err(PayloadError::Credential { what });
+            }
+            field[..bytes.len()].copy_from_slice(bytes);
+        }
+        Ok(out)
+    }
+
+    /// Trailing zero padding is not part of a field.
+    pub fn decode(data: &[u8]) -> Result<ConnectionPassword, PayloadError> {
+        expect_len("connection password", data, Self::LEN)?;
+        let field = |b: &[u8], what| {
+            let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
+            match std::str::from_utf8(&b[..end]) {
+                Ok(s) if s.is_ascii() => Ok(s.to_owned()),
+                _ => Err(PayloadError::Credential { what }),
+            }
+        };
+        Ok(ConnectionPassword {
+            user: field(&data[..Self::FIELD_LEN], "user")?,
+            password: field(&data[Self::FIELD_LEN..], "password")?,
+        })
+    }
 }
 
 /// Clock payload (0x38 answer, 0x39 request): `[YY-2000, M, D, h, m, s]`. Sub-seconds dropped.
@@ -1199,5 +1354,212 @@ mod tests {
             decode_clock(&bytes[..5]),
             Err(PayloadError::Length { .. })
         ));
+    }
+
+    fn decode_all<F: Frame>(bytes: &[u8]) -> Vec<Result<F, FrameError>> {
+        let mut dec = Decoder::<F>::new();
+        dec.push(bytes);
+        let got = drain(&mut dec);
+        assert_eq!(dec.buffered(), 0, "nothing left over");
+        got
+    }
+
+    /// Complete frames from public TC-B implementations, checked against this codec in both
+    /// directions (decode, then encode back to the same bytes). Facts only; no code was taken.
+    mod public_vectors {
+        use super::*;
+
+        fn hex(s: &str) -> Vec<u8> {
+            s.split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+                .collect()
+        }
+
+        fn request_vector(bytes: &str, want: Request) {
+            let bytes = hex(bytes);
+            assert_eq!(decode_all::<Request>(&bytes), vec![Ok(want.clone())]);
+            assert_eq!(
+                decode_all::<AnyFrame>(&bytes),
+                vec![Ok(AnyFrame::Request(want.clone()))]
+            );
+            assert_eq!(encode_request(&want).expect("encodes"), bytes);
+        }
+
+        fn response_vector(bytes: &str, want: Response) {
+            let bytes = hex(bytes);
+            assert_eq!(decode_all::<Response>(&bytes), vec![Ok(want.clone())]);
+            assert_eq!(
+                decode_all::<AnyFrame>(&bytes),
+                vec![Ok(AnyFrame::Response(want.clone()))]
+            );
+            assert_eq!(encode_response(&want).expect("encodes"), bytes);
+        }
+
+        // benperiton/anviz-protocol, Src/Node/lib/Anviz/Client.js (getInfo: "Req" / "Res").
+        #[test]
+        fn get_settings_exchange_from_benperiton_anviz_protocol() {
+            request_vector(
+                "A5 00 00 00 01 32 00 00 52 B9",
+                Request::new(1, cmd::GET_SETTINGS, Vec::new()),
+            );
+            response_vector(
+                "A5 00 00 00 01 B2 00 00 0F 01 80 00 01 01 01 00 05 00 00 64 00 00 05 00 3A A7",
+                Response::answer(
+                    1,
+                    cmd::GET_SETTINGS,
+                    Ret::Ok,
+                    hex("01 80 00 01 01 01 00 05 00 00 64 00 00 05 00"),
+                ),
+            );
+        }
+
+        // benperiton/anviz-protocol, Src/Node/lib/Anviz/Client.js (getDatetime: "Req" / "Res").
+        #[test]
+        fn get_clock_exchange_from_benperiton_anviz_protocol() {
+            request_vector(
+                "A5 00 00 00 01 38 00 00 28 CA",
+                Request::new(1, cmd::GET_CLOCK, Vec::new()),
+            );
+            let answer = Response::answer(1, cmd::GET_CLOCK, Ret::Ok, hex("0E 07 0F 0C 10 1C"));
+            response_vector(
+                "A5 00 00 00 01 B8 00 00 06 0E 07 0F 0C 10 1C 71 38",
+                answer.clone(),
+            );
+            assert_eq!(decode_clock(&answer.data), Ok(dt(2014, 7, 15, 12, 16, 28)));
+        }
+
+        // benperiton/anviz-protocol, Src/Node/lib/Anviz/Client.js (getUsers: "Req" / "Res"):
+        // a download refused with RET 1 and LEN 0.
+        #[test]
+        fn refused_download_from_benperiton_anviz_protocol() {
+            let req = DownloadRequest {
+                param: DownloadParam::Next,
+                count: 25,
+            };
+            request_vector(
+                "A5 00 00 00 01 40 00 02 00 19 8E F3",
+                Request::new(
+                    1,
+                    cmd::DOWNLOAD_RECORDS,
+                    req.encode().expect("valid").to_vec(),
+                ),
+            );
+            response_vector(
+                "A5 00 00 00 01 C0 01 00 00 AF 65",
+                Response::answer(1, cmd::DOWNLOAD_RECORDS, Ret::Fail, Vec::new()),
+            );
+        }
+
+        // The device heartbeat and its pong. No captured bytes were found in public code; the
+        // layout is MxLabs/Anviz: Anviz.SDK/Responses/Response.cs reads an 8-byte header when
+        // byte 5 < 0x80, Anviz.SDK/AnvizStream.cs answers ResponseCode 0x7F with
+        // Commands/PongCommand.cs (0xFF, no data), which Commands/Command.cs builds with a RET
+        // byte (0) for codes above 0x80 and the heartbeat's own device id. The CRC is the one
+        // the vectors above check.
+        #[test]
+        fn device_heartbeat_and_pong_after_mxlabs_anviz() {
+            request_vector(
+                "A5 00 00 00 01 7F 00 00 5B 40",
+                Request::new(1, cmd::HEARTBEAT, Vec::new()),
+            );
+            response_vector("A5 00 00 00 01 FF 00 00 00 78 C1", pong(1));
+            assert_eq!(pong(1).ack, PONG_ACK);
+        }
+
+        // Connection authentication: layout and default credentials from MxLabs/Anviz
+        // Anviz.SDK/Commands/SetConnectionPassword.cs (user at 0, password at 12, 24 bytes)
+        // and Anviz.SDK/AnvizManager.cs ("admin" / "12345").
+        #[test]
+        fn connection_password_after_mxlabs_anviz() {
+            let cred = ConnectionPassword::new("12345");
+            let data = cred.encode().expect("fits");
+            request_vector(
+                "A5 00 00 00 01 04 00 18 61 64 6D 69 6E 00 00 00 00 00 00 00 \
+                 31 32 33 34 35 00 00 00 00 00 00 00 96 F2",
+                Request::new(1, cmd::AUTHENTICATE, data.to_vec()),
+            );
+            assert_eq!(ConnectionPassword::decode(&data), Ok(cred));
+        }
+    }
+
+    #[test]
+    fn connection_password_limits() {
+        assert!(ConnectionPassword::new("123456789012").encode().is_ok());
+        for bad in ["1234567890123", "pässword", "tab\there"] {
+            assert_eq!(
+                ConnectionPassword::new(bad).encode(),
+                Err(PayloadError::Credential { what: "password" }),
+                "{bad:?}"
+            );
+        }
+        assert!(ConnectionPassword::decode(&[0; 23]).is_err());
+        assert!(!format!("{:?}", ConnectionPassword::new("hidden")).contains("hidden"));
+    }
+
+    /// A terminal's heartbeat, a real-time push and an answer back to back, fed one byte at a
+    /// time: the mixed decoder gives all three; a response-only decoder reads the heartbeat's
+    /// CRC as LEN and loses step (the bug behind "no answer to command 0x3C").
+    #[test]
+    fn heartbeat_between_push_and_answer_keeps_step() {
+        let heartbeat = Request::new(1, cmd::HEARTBEAT, Vec::new());
+        let push = Response::realtime_push(1, &sample_record(1)).expect("encodes");
+        let counts = Response::answer(1, cmd::GET_COUNTS, Ret::Ok, vec![0; Counts::LEN]);
+        let mut bytes = encode_request(&heartbeat).expect("encodes");
+        bytes.extend(encode_response(&push).expect("encodes"));
+        bytes.extend(encode_response(&counts).expect("encodes"));
+        bytes.extend(encode_request(&heartbeat).expect("encodes"));
+
+        let mut dec = AnyFrameDecoder::new();
+        let mut got = Vec::new();
+        for b in &bytes {
+            dec.push(std::slice::from_ref(b));
+            got.extend(drain(&mut dec));
+        }
+        assert_eq!(
+            got,
+            vec![
+                Ok(AnyFrame::Request(heartbeat.clone())),
+                Ok(AnyFrame::Response(push)),
+                Ok(AnyFrame::Response(counts.clone())),
+                Ok(AnyFrame::Request(heartbeat)),
+            ]
+        );
+        assert_eq!(dec.buffered(), 0);
+
+        let old = decode_all_lossy::<Response>(&bytes);
+        assert!(
+            !old.contains(&Ok(counts)),
+            "a response-only decoder was expected to lose the answer: {old:?}"
+        );
+    }
+
+    fn decode_all_lossy<F: Frame>(bytes: &[u8]) -> Vec<Result<F, FrameError>> {
+        let mut dec = Decoder::<F>::new();
+        dec.push(bytes);
+        drain(&mut dec)
+    }
+
+    #[test]
+    fn any_frame_shape_follows_byte_five() {
+        for code in 0..=u8::MAX {
+            let mut bytes = vec![STX, 0, 0, 0, 3, code];
+            let want = if is_response_code(code) {
+                bytes.extend([0, 0, 0]);
+                AnyFrame::Response(Response {
+                    device_id: 3,
+                    ack: code,
+                    ret: Ret::Ok,
+                    data: Vec::new(),
+                })
+            } else {
+                bytes.extend([0, 0]);
+                AnyFrame::Request(Request::new(3, code, Vec::new()))
+            };
+            let crc = crc16_mcrf4xx(&bytes);
+            bytes.extend(crc.to_le_bytes());
+            assert_eq!(decode_all::<AnyFrame>(&bytes), vec![Ok(want.clone())]);
+            assert_eq!(encode_any(&want).expect("encodes"), bytes);
+            assert_eq!(want.device_id(), 3);
+        }
     }
 }

@@ -11,23 +11,31 @@
 //! - clock sync: the drift is measured at connect and every `clock_sync_interval`, and the clock
 //!   is set when it exceeds `max_clock_drift_secs`;
 //! - every request has a timeout; a broken link reconnects with backoff. Each terminal runs in
-//!   its own task, so one broken terminal never stalls another.
+//!   its own task, so one broken terminal never stalls another;
+//! - the terminal starts exchanges too: its heartbeat (a request-shaped 0x7F) is answered with
+//!   a pong at once by the reader, between any request and its answer; other commands it
+//!   starts are ignored, and neither counts as a rejected frame;
+//! - with `password_file` set, the connection password (0x04) goes first; a refusal ends the
+//!   link with an error that says so;
+//! - every frame's device id (CH) is checked against `device_id` (unless that is 0): a frame
+//!   from another device is refused — its records are not stored — counted, logged, and the
+//!   link ends with an error naming both ids.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::codec::{
-    self, cmd, ClearRequest, Counts, DownloadParam, DownloadRequest, FrameError, Record, Request,
-    Response, ResponseDecoder, Ret,
+    self, cmd, AnyFrame, AnyFrameDecoder, ClearRequest, ConnectionPassword, Counts, DownloadParam,
+    DownloadRequest, FrameError, Record, Request, Response, Ret,
 };
 use crate::backoff::Backoff;
 use crate::config::{AnvizMode, TerminalConfig};
@@ -58,12 +66,30 @@ pub enum LinkError {
     Payload(#[from] codec::PayloadError),
     #[error("store refused the records: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "terminal refused the connection password (command 0x04 answered {ret:?}); \
+         check terminals[].password_file"
+    )]
+    PasswordRefused { ret: Ret },
+    #[error(
+        "a frame came from device id {got}, but this terminal is device_id {expected}; \
+         its frames are refused (check terminals[].device_id)"
+    )]
+    ForeignDevice { expected: u32, got: u32 },
 }
+
+/// Frames queued for the socket: requests and pongs, written whole by one task so they never
+/// interleave.
+const OUTGOING: usize = 64;
+/// A refused foreign frame is logged the first time and then every this many.
+const FOREIGN_LOG_EVERY: u64 = 100;
 
 pub struct AnvizLink {
     term: TerminalConfig,
     ingest: Ingest,
     health: Arc<TerminalHealth>,
+    /// Frames refused for a foreign device id, over the link's life (logged as `foreign_frames`).
+    foreign_frames: Arc<AtomicU64>,
 }
 
 impl AnvizLink {
@@ -72,6 +98,7 @@ impl AnvizLink {
             term,
             ingest,
             health,
+            foreign_frames: Arc::default(),
         }
     }
 
@@ -198,10 +225,23 @@ impl AnvizLink {
         let (reader, writer) = stream.into_split();
         let (resp_tx, responses) = mpsc::channel(64);
         let (push_tx, pushes) = mpsc::channel(1024);
-        let reader_task = tokio::spawn(read_frames(reader, resp_tx, push_tx, self.health.clone()));
+        let (out_tx, out_rx) = mpsc::channel(OUTGOING);
+        let writer_task = tokio::spawn(write_frames(writer, out_rx));
+        let reader_task = tokio::spawn(read_frames(
+            reader,
+            Reader {
+                terminal: self.term.id.clone(),
+                device_id: self.term.device_id,
+                answers: resp_tx,
+                pushes: push_tx,
+                out: out_tx.clone(),
+                health: self.health.clone(),
+                foreign_frames: self.foreign_frames.clone(),
+            },
+        ));
         let mut conn = Conn {
-            writer,
-            responses,
+            out: out_tx,
+            answers: responses,
             device_id: self.term.device_id,
             timeout: self.term.link.request_timeout,
         };
@@ -212,6 +252,7 @@ impl AnvizLink {
         let result = self.serve(&mut conn, pushes, shutdown).await;
         self.health.connected.store(false, Ordering::Relaxed);
         reader_task.abort();
+        writer_task.abort();
         result
     }
 
@@ -222,6 +263,13 @@ impl AnvizLink {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), LinkError> {
         let timing = self.term.link;
+        if let Some(password) = &self.term.password {
+            let data = ConnectionPassword::new(password.expose()).encode()?;
+            let resp = conn.request(cmd::AUTHENTICATE, data.to_vec()).await?;
+            if resp.ret != Ret::Ok {
+                return Err(LinkError::PasswordRefused { ret: resp.ret });
+            }
+        }
         self.sync_clock(conn).await?;
         let mut backfill_due = true;
         // Real-time records committed since the last clear; they still carry their new-flag.
@@ -488,10 +536,19 @@ pub fn record_to_clocking(term: &TerminalConfig, r: &Record) -> NewClocking {
 }
 
 struct Conn {
-    writer: OwnedWriteHalf,
-    responses: mpsc::Receiver<Response>,
+    out: mpsc::Sender<Vec<u8>>,
+    answers: mpsc::Receiver<Inbound>,
     device_id: u32,
     timeout: Duration,
+}
+
+/// What the reader hands to the request in flight.
+enum Inbound {
+    Answer(Response),
+    /// A frame from another device id arrived: the link talks to the wrong terminal.
+    Foreign {
+        device_id: u32,
+    },
 }
 
 impl Conn {
@@ -503,19 +560,26 @@ impl Conn {
         })
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        tokio::time::timeout_at(deadline, self.writer.write_all(&frame))
+        tokio::time::timeout_at(deadline, self.out.send(frame))
             .await
             .map_err(|_| LinkError::Timeout {
                 cmd: command,
                 timeout: self.timeout,
-            })??;
+            })?
+            .map_err(|_| LinkError::Closed)?;
         let want = codec::ack_for(command);
         loop {
-            match tokio::time::timeout_at(deadline, self.responses.recv()).await {
-                Ok(Some(resp)) if resp.ack == want => return Ok(resp),
+            match tokio::time::timeout_at(deadline, self.answers.recv()).await {
+                Ok(Some(Inbound::Answer(resp))) if resp.ack == want => return Ok(resp),
                 // A late answer to an earlier request: skip it.
-                Ok(Some(resp)) => {
+                Ok(Some(Inbound::Answer(resp))) => {
                     tracing::debug!(ack = resp.ack, want, "skipping an unexpected answer");
+                }
+                Ok(Some(Inbound::Foreign { device_id })) => {
+                    return Err(LinkError::ForeignDevice {
+                        expected: self.device_id,
+                        got: device_id,
+                    })
                 }
                 Ok(None) => return Err(LinkError::Closed),
                 Err(_) => {
@@ -541,15 +605,80 @@ impl Conn {
     }
 }
 
-/// Decode the byte stream; real-time pushes and answers go to their own channels, rejected
-/// frames are counted and skipped (the decoder resynchronises on the next STX).
-async fn read_frames(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
-    responses: mpsc::Sender<Response>,
+/// One socket writer: requests from [`Conn`] and pongs from the reader.
+async fn write_frames(mut writer: OwnedWriteHalf, mut frames: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = writer.write_all(&frame).await {
+            // The reader sees the socket end too and closes the session.
+            tracing::debug!(error = %e, "writing to the terminal failed");
+            return;
+        }
+    }
+}
+
+/// Where the reader sends what it decodes.
+struct Reader {
+    terminal: String,
+    device_id: u32,
+    answers: mpsc::Sender<Inbound>,
     pushes: mpsc::Sender<Record>,
+    out: mpsc::Sender<Vec<u8>>,
     health: Arc<TerminalHealth>,
-) {
-    let mut decoder = ResponseDecoder::new();
+    foreign_frames: Arc<AtomicU64>,
+}
+
+impl Reader {
+    /// Device id 0 in the configuration accepts whichever terminal is on the link.
+    fn is_foreign(&self, device_id: u32) -> bool {
+        self.device_id != codec::ANY_DEVICE && device_id != self.device_id
+    }
+
+    /// Refuse a frame from another device: counted, logged, reported, never stored. `false`
+    /// when the session is gone.
+    fn refuse_foreign(&self, frame: &AnyFrame) -> bool {
+        let got = frame.device_id();
+        let n = self.foreign_frames.fetch_add(1, Ordering::Relaxed) + 1;
+        let err = LinkError::ForeignDevice {
+            expected: self.device_id,
+            got,
+        };
+        if n == 1 || n.is_multiple_of(FOREIGN_LOG_EVERY) {
+            tracing::warn!(terminal = %self.terminal, device_id = got, expected = self.device_id, foreign_frames = n, "refused a frame from another device id; its records are not stored");
+        }
+        self.health.set_error(Some(err.to_string()));
+        // One notice is enough for the request in flight; a full queue already holds one.
+        !matches!(
+            self.answers.try_send(Inbound::Foreign { device_id: got }),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
+    }
+
+    /// A command the terminal started. `false` when the session is gone.
+    fn device_request(&self, req: &Request) -> bool {
+        if req.cmd != cmd::HEARTBEAT {
+            tracing::debug!(terminal = %self.terminal, cmd = req.cmd, "ignoring a command the terminal started");
+            return true;
+        }
+        let Ok(frame) = codec::encode_response(&codec::pong(req.device_id)) else {
+            return true;
+        };
+        match self.out.try_send(frame) {
+            Ok(()) => true,
+            // The queue holds OUTGOING frames; a terminal that outruns it gets its next pong.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(terminal = %self.terminal, "heartbeat not answered: the link's send queue is full");
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Decode the byte stream; answer heartbeats; real-time pushes and answers go to their own
+/// channels; rejected frames are counted and skipped (the decoder resynchronises on the next
+/// STX).
+async fn read_frames(mut reader: OwnedReadHalf, to: Reader) {
+    let mut decoder = AnyFrameDecoder::new();
     let mut buf = vec![0u8; 4096];
     loop {
         let n = match reader.read(&mut buf).await {
@@ -558,32 +687,36 @@ async fn read_frames(
         };
         decoder.push(&buf[..n]);
         while let Some(frame) = decoder.next_frame() {
-            match frame {
-                Ok(resp) if resp.is_realtime_push() => match Record::from_slice(&resp.data) {
-                    Ok(r) => {
-                        if pushes.send(r).await.is_err() {
-                            return;
+            let alive = match frame {
+                Ok(f) if to.is_foreign(f.device_id()) => to.refuse_foreign(&f),
+                Ok(AnyFrame::Request(req)) => to.device_request(&req),
+                Ok(AnyFrame::Response(resp)) if resp.is_realtime_push() => {
+                    match Record::from_slice(&resp.data) {
+                        Ok(r) => to.pushes.send(r).await.is_ok(),
+                        Err(e) => {
+                            to.health.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "unreadable real-time record");
+                            true
                         }
                     }
-                    Err(e) => {
-                        health.frames_rejected.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "unreadable real-time record");
-                    }
-                },
-                Ok(resp) => {
-                    if responses.send(resp).await.is_err() {
-                        return;
-                    }
+                }
+                Ok(AnyFrame::Response(resp)) => {
+                    to.answers.send(Inbound::Answer(resp)).await.is_ok()
                 }
                 Err(FrameError::Garbage { skipped }) => {
-                    health
+                    to.health
                         .garbage_bytes
                         .fetch_add(skipped as u64, Ordering::Relaxed);
+                    true
                 }
                 Err(e) => {
-                    health.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                    to.health.frames_rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "rejected a frame from the terminal");
+                    true
                 }
+            };
+            if !alive {
+                return;
             }
         }
     }
@@ -608,6 +741,7 @@ mod tests {
             link: LinkTiming::default(),
             crosschex_serial: None,
             aktion_c4: None,
+            password: None,
         }
     }
 
