@@ -63,7 +63,7 @@ fn config(listen: SocketAddr) -> Config {
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
             connection_timeout_ms: 10_000,
-            max_payload_size: 1 << 20,
+            max_payload_size: super::MAX_PACKET,
             // Packets read from one connection per batch: the agent's whole window (mqtt.inflight,
             // 256 by default) in one go.
             max_inflight_count: 512,

@@ -163,6 +163,9 @@ struct Arrivals {
     sessions_new: AtomicU64,
 }
 
+/// The largest MQTT packet the demo's broker and subscriber accept (the agent's own limit).
+const MAX_PACKET: usize = 8 * 1024 * 1024;
+
 /// How long the end of the demo waits for the retained occupancy to match the agent's API.
 const OCCUPANCY_WAIT: Duration = Duration::from_secs(10);
 
@@ -755,6 +758,9 @@ async fn subscribe(
     );
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(false);
+    // The occupancy document lists everyone inside (about 100 bytes a person): far beyond
+    // rumqttc's 10 KiB default at a busy site. The agent allows the same.
+    opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let clockings = format!("badgegate/{SITE}/clockings/#");
     let occupancy_topic = format!("badgegate/{SITE}/zones/production/occupancy");
@@ -777,6 +783,7 @@ async fn subscribe(
         }
     }
     Ok(tokio::spawn(async move {
+        let mut last_error: Option<String> = None;
         loop {
             match eventloop.poll().await {
                 Ok(event) => {
@@ -784,8 +791,17 @@ async fn subscribe(
                         tracing::error!("demo subscriber: {e:#}");
                     }
                 }
-                // The event loop reconnects on the next poll; pace the attempts.
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                // Said once per kind, not swallowed: a subscriber that keeps failing on the same
+                // packet is what hid the occupancy once (it outgrew rumqttc's 10 KiB default).
+                Err(e) => {
+                    let e = e.to_string();
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!("demo subscriber: connection lost ({e}); reconnecting, its session keeps its place");
+                        last_error = Some(e);
+                    }
+                    // The event loop reconnects on the next poll; pace the attempts.
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             }
         }
     }))
