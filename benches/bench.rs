@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use badgegate::kit::demo::proxy::{LinkMode, Uplink};
+use badgegate::kit::relay::{Mode, Relay};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{json, Value};
 use support::*;
@@ -204,8 +204,8 @@ async fn preload(agent: &AgentProc, tag: &str, n: usize) {
 
 /// Restore the uplink, wait until the agent is connected (its reconnect backoff is not what is
 /// measured), then poll the queue until empty; returns the seconds from connection to empty.
-async fn time_drain(api: &Api, agent: &AgentProc, uplink: &Uplink) -> f64 {
-    uplink.set_mode(LinkMode::Up);
+async fn time_drain(api: &Api, agent: &AgentProc, uplink: &Relay) -> f64 {
+    uplink.set_mode(Mode::Pass);
     api.wait_connected(agent, Duration::from_secs(30)).await;
     let started = Instant::now();
     loop {
@@ -509,11 +509,11 @@ async fn main() {
         drop(agent);
 
         // 2. forwarding vs the bare publisher.
-        let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+        let uplink = Relay::start(mosquitto.addr()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let agent = AgentProc::start_as_deployed(dir.path(), &format!("mqtt://{}", uplink.addr()));
         let pid = agent_pid(&agent);
-        uplink.set_mode(LinkMode::Down);
+        uplink.set_mode(Mode::Cut);
         preload(&agent, &format!("f{run}-"), forward_n).await;
         let agent_secs = time_drain(&api, &agent, &uplink).await;
         let agent_rate = forward_n as f64 / agent_secs;
@@ -529,7 +529,7 @@ async fn main() {
         let dir = tempfile::tempdir().unwrap();
         let agent = AgentProc::start_as_deployed(dir.path(), &format!("mqtt://{}", uplink.addr()));
         let pid = agent_pid(&agent);
-        uplink.set_mode(LinkMode::Down);
+        uplink.set_mode(Mode::Cut);
         let t = Instant::now();
         preload(&agent, &format!("d{run}-"), o.drain).await;
         let fill_secs = t.elapsed().as_secs_f64();

@@ -18,7 +18,6 @@ pub mod ingest;
 /// product. Only in builds with the `kit` feature (the default); the gateway builds leave it out.
 #[cfg(feature = "kit")]
 pub mod kit;
-pub mod localhttp;
 pub mod metrics;
 pub mod model;
 pub mod mqtt_link;

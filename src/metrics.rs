@@ -17,7 +17,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use serde_json::{json, Value};
 
 use crate::model::{AccessStatus, Source};
 use crate::store::QueueStats;
@@ -83,33 +82,12 @@ impl SourceHealth {
     pub fn set_position(&self, position: String) {
         set(&self.position, Some(position));
     }
-
-    pub fn to_json(&self) -> Value {
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let last = self.last_success_ms.load(Ordering::Relaxed);
-        json!({
-            "up": self.up.load(Ordering::Relaxed),
-            "last_success_at": (last > 0).then(|| chrono::DateTime::from_timestamp_millis(last).map(|t| t.to_rfc3339())).flatten(),
-            "polls": r(&self.polls),
-            "errors": r(&self.errors),
-            "clockings": r(&self.clockings),
-            "skipped": r(&self.skipped),
-            "people": r(&self.people),
-            "shifts": r(&self.shifts),
-            "position": get(&self.position),
-            "last_error": get(&self.last_error),
-        })
-    }
 }
 
 fn set(slot: &Mutex<Option<String>>, v: Option<String>) {
     if let Ok(mut g) = slot.lock() {
         *g = v;
     }
-}
-
-fn get(slot: &Mutex<Option<String>>) -> Option<String> {
-    slot.lock().ok().and_then(|g| g.clone())
 }
 
 /// What a device link reports about its terminal.
@@ -136,21 +114,6 @@ impl TerminalHealth {
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;
         }
-    }
-
-    pub fn to_json(&self) -> Value {
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let last = self.last_record_ms.load(Ordering::Relaxed);
-        json!({
-            "connected": self.connected.load(Ordering::Relaxed),
-            "last_record_at": (last > 0).then(|| chrono::DateTime::from_timestamp_millis(last).map(|t| t.to_rfc3339())).flatten(),
-            "device_backlog": r(&self.device_backlog),
-            "clock_drift_secs": self.clock_drift_secs.load(Ordering::Relaxed),
-            "frames_rejected": r(&self.frames_rejected),
-            "realtime_records": r(&self.realtime_records),
-            "backfilled_records": r(&self.backfilled_records),
-            "last_error": self.last_error.lock().ok().and_then(|g| g.clone()),
-        })
     }
 }
 

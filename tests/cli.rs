@@ -87,7 +87,7 @@ fn run_with_an_invalid_config_exits_64() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_stats_while_running_and_stopped_and_a_second_agent_is_refused() {
     let mosquitto = Mosquitto::start();
-    let uplink = badgegate::kit::demo::proxy::Uplink::start(mosquitto.addr())
+    let uplink = badgegate::kit::relay::Relay::start(mosquitto.addr())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -266,7 +266,7 @@ fn a_damaged_store_is_moved_aside_with_exit_74_and_the_next_start_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_list_and_export_while_running_and_stopped() {
     let mosquitto = Mosquitto::start();
-    let uplink = badgegate::kit::demo::proxy::Uplink::start(mosquitto.addr())
+    let uplink = badgegate::kit::relay::Relay::start(mosquitto.addr())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

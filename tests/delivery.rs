@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use badgegate::kit::demo::proxy::{LinkMode, Uplink};
+use badgegate::kit::relay::{Mode, Relay};
 use serde_json::Value;
 use support::*;
 
@@ -72,7 +72,7 @@ async fn end_to_end_delivery_with_payload_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_during_1000_ingests_then_every_clocking_delivered_in_order() {
     let mut mosquitto = Mosquitto::start();
-    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let uplink = Relay::start(mosquitto.addr()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
     let api = Api::new();
@@ -87,10 +87,10 @@ async fn broker_down_during_1000_ingests_then_every_clocking_delivered_in_order(
     assert_eq!(health["pending"]["mqtt"], 1000);
 
     // Bring the broker back, subscribe, and only then let the agent reach it.
-    uplink.set_mode(LinkMode::Down);
+    uplink.set_mode(Mode::Cut);
     mosquitto.restart();
     let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
-    uplink.set_mode(LinkMode::Up);
+    uplink.set_mode(Mode::Pass);
     let got = sub.collect_ids(&id_set(&ids), LONG).await;
     let got_ids: HashSet<String> = got
         .iter()
@@ -125,7 +125,7 @@ async fn broker_down_during_1000_ingests_then_every_clocking_delivered_in_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_right_after_202_then_restarted_delivers_everything() {
     let mosquitto = Mosquitto::start();
-    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let uplink = Relay::start(mosquitto.addr()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
     let api = Api::new();
@@ -133,11 +133,11 @@ async fn agent_killed_right_after_202_then_restarted_delivers_everything() {
 
     // Half while the uplink works (some in flight when the kill lands), half while it is cut.
     let first = api.post_all(&agent, &many(300, "before")).await;
-    uplink.set_mode(LinkMode::Down);
+    uplink.set_mode(Mode::Cut);
     let second = api.post_all(&agent, &many(300, "cut")).await;
     agent.kill9();
 
-    uplink.set_mode(LinkMode::Up);
+    uplink.set_mode(Mode::Pass);
     agent.spawn();
     let mut want = id_set(&first);
     want.extend(second);
@@ -153,7 +153,7 @@ async fn agent_killed_right_after_202_then_restarted_delivers_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_with_publishes_in_flight_redelivers_them() {
     let mut mosquitto = Mosquitto::start();
-    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let uplink = Relay::start(mosquitto.addr()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
     let api = Api::new();
@@ -161,7 +161,7 @@ async fn broker_killed_with_publishes_in_flight_redelivers_them() {
 
     api.wait_connected(&agent, LONG).await;
     // The broker receives the publishes but its PUBACKs are held back: all stay in flight.
-    uplink.set_mode(LinkMode::StallReplies);
+    uplink.set_mode(Mode::HoldAcks);
     let ids = api.post_all(&agent, &many(40, "inflight")).await;
     let first = sub.collect_ids(&id_set(&ids), LONG).await;
     assert_eq!(first.len(), 40, "the broker got every publish once");
@@ -173,10 +173,10 @@ async fn broker_killed_with_publishes_in_flight_redelivers_them() {
     assert_eq!(api.metric(&agent, "badgegate_mqtt_in_flight").await, 40.0);
 
     // Kill the broker with all 40 unacknowledged, restart it: every one is published again.
-    uplink.set_mode(LinkMode::Down);
+    uplink.set_mode(Mode::Cut);
     mosquitto.restart();
     sub.wait_ready().await;
-    uplink.set_mode(LinkMode::Up);
+    uplink.set_mode(Mode::Pass);
     let again = sub.collect_ids(&id_set(&ids), LONG).await;
     assert_eq!(again.len(), 40, "each unacknowledged clocking re-sent once");
     api.wait_drained(&agent, LONG).await;
@@ -234,19 +234,19 @@ async fn same_clocking_twice_gets_one_id_and_one_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_0_and_loses_nothing() {
     let mosquitto = Mosquitto::start();
-    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let uplink = Relay::start(mosquitto.addr()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = AgentProc::start(dir.path(), &format!("mqtt://{}", uplink.addr()));
     let api = Api::new();
 
     // Clockings acknowledged while the uplink is cut are pending when SIGTERM arrives.
-    uplink.set_mode(LinkMode::Down);
+    uplink.set_mode(Mode::Cut);
     let sent = api.post_all(&agent, &many(200, "term")).await;
     let exit = agent.terminate();
     assert_eq!(exit.code(), Some(0), "{}", agent.log());
 
     let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/#").await;
-    uplink.set_mode(LinkMode::Up);
+    uplink.set_mode(Mode::Pass);
     agent.spawn();
     let got = sub.collect_ids(&id_set(&sent), LONG).await;
     assert!(got.len() >= sent.len());

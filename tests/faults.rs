@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use badgegate::kit::fakes::protime::{endpoint, FakeProtime, Person, Terminal};
 use badgegate::kit::fakes::Fault;
+use badgegate::kit::relay::{self, Relay};
 use badgegate::kit::simulator::{Simulator, SimulatorConfig};
 use badgegate::model::{local_to_instant, ClockingId, Direction};
 use badgegate::terminals::anviz::codec::Record;
 use chrono::{NaiveDate, NaiveDateTime};
 use serde_json::Value;
-use support::proxy::{self, Proxy};
 use support::*;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -289,18 +289,18 @@ fn kill_broker(m: &mut Mosquitto) {
 /// without persistence), and the agent is kept away until the subscriber is back, so the test
 /// sees every delivery.
 async fn kill_and_restart_broker(
-    proxy: &Proxy,
+    relay: &Relay,
     col: &Collector,
     mosquitto: &mut Mosquitto,
     sub: &mut Subscriber,
 ) {
-    proxy.hold_acks();
-    col.wait_ids(&proxy.client_acked(), LONG).await;
+    relay.hold_acks();
+    col.wait_ids(&relay.client_acked(), LONG).await;
     kill_broker(mosquitto);
-    proxy.cut();
+    relay.cut();
     restart_broker(mosquitto);
     sub.wait_ready().await;
-    proxy.pass();
+    relay.pass();
 }
 
 /// The agent's peak resident set (VmHWM) in kB.
@@ -316,29 +316,29 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The proxy's own framing.
+// The relay's own framing.
 
 #[test]
-fn proxy_frames_mqtt_packets_across_reads() {
-    assert_eq!(proxy::remaining_length(&[0x30, 0x00]), Some((0, 2)));
-    assert_eq!(proxy::remaining_length(&[0x30, 0xC1, 0x02]), Some((321, 3)));
-    assert_eq!(proxy::remaining_length(&[0x30, 0xC1]), None);
+fn relay_frames_mqtt_packets_across_reads() {
+    assert_eq!(relay::remaining_length(&[0x30, 0x00]), Some((0, 2)));
+    assert_eq!(relay::remaining_length(&[0x30, 0xC1, 0x02]), Some((321, 3)));
+    assert_eq!(relay::remaining_length(&[0x30, 0xC1]), None);
     let payload = br#"{"id":"abc"}"#;
     let mut p = vec![0x32, (2 + 3 + 2 + payload.len()) as u8, 0, 3];
     p.extend_from_slice(b"a/b");
     p.extend_from_slice(&[0x12, 0x34]);
     p.extend_from_slice(payload);
-    let mut f = proxy::Framer::default();
+    let mut f = relay::Framer::default();
     f.push(&p[..4]);
     assert!(f.next_packet().is_none(), "half a packet is held");
     f.push(&p[4..]);
     f.push(&[0x40, 0x02, 0x12, 0x34]);
-    let publish = proxy::parse_publish(&f.next_packet().unwrap()).unwrap();
+    let publish = relay::parse_publish(&f.next_packet().unwrap()).unwrap();
     assert_eq!(publish.topic, "a/b");
     assert_eq!(publish.pkid, Some(0x1234));
     assert_eq!(publish.id.as_deref(), Some("abc"));
     assert_eq!(
-        proxy::pkid_after_header(&f.next_packet().unwrap()),
+        relay::pkid_after_header(&f.next_packet().unwrap()),
         Some(0x1234)
     );
     assert!(f.next_packet().is_none());
@@ -351,25 +351,27 @@ fn proxy_frames_mqtt_packets_across_reads() {
 async fn uplink_cut_between_publish_and_puback_redelivers_and_loses_nothing() {
     const CYCLES: usize = 12;
     let mosquitto = Mosquitto::start();
-    let proxy = Proxy::start(mosquitto.addr()).await;
+    let relay = Relay::start(mosquitto.addr())
+        .await
+        .expect("starting the relay");
     let dir = tempfile::tempdir().unwrap();
     let mut sub = Subscriber::start(mosquitto.addr(), CLOCKINGS).await;
     let col = Collector::start(&mut sub);
-    let agent = AgentProc::start(dir.path(), &proxy.url());
+    let agent = AgentProc::start(dir.path(), &relay.url());
     let api = Api::new();
     api.wait_connected(&agent, LONG).await;
 
     let mut acked = HashSet::new();
     for cycle in 0..CYCLES {
-        let conns = proxy.connections();
-        proxy.cut_after_publish("/clockings/");
+        let conns = relay.connections();
+        relay.cut_after_publish("/clockings/");
         acked.extend(
             api.post_all(&agent, &many(40, &format!("cut{cycle}")))
                 .await,
         );
-        proxy.wait_publish_cuts(cycle + 1, LONG).await;
-        // The agent noticed and came back through the proxy.
-        proxy.wait_connections_above(conns, LONG).await;
+        relay.wait_publish_cuts(cycle + 1, LONG).await.unwrap();
+        // The agent noticed and came back through the relay.
+        relay.wait_connections_above(conns, LONG).await.unwrap();
     }
     col.wait_ids(&acked, LONG).await;
     let s = sentinel(&api, &agent, &col, "sentinel").await;
@@ -377,7 +379,7 @@ async fn uplink_cut_between_publish_and_puback_redelivers_and_loses_nothing() {
     let (_, duplicates, lost) = summary("publish_puback_cut", CYCLES, &acked, &counts, &[s]);
 
     assert_eq!(lost, 0);
-    let cuts = proxy.publish_cuts();
+    let cuts = relay.publish_cuts();
     assert_eq!(cuts.len(), CYCLES);
     for c in &cuts {
         assert!(
@@ -409,11 +411,13 @@ async fn uplink_cut_between_publish_and_puback_redelivers_and_loses_nothing() {
 async fn broker_killed_in_a_loop_during_heavy_ingest_loses_nothing() {
     const CYCLES: usize = 6;
     let mut mosquitto = Mosquitto::start();
-    let proxy = Proxy::start(mosquitto.addr()).await;
+    let relay = Relay::start(mosquitto.addr())
+        .await
+        .expect("starting the relay");
     let dir = tempfile::tempdir().unwrap();
     let mut sub = Subscriber::start(mosquitto.addr(), CLOCKINGS).await;
     let col = Collector::start(&mut sub);
-    let agent = AgentProc::start(dir.path(), &proxy.url());
+    let agent = AgentProc::start(dir.path(), &relay.url());
     let api = Api::new();
     let ingest = Ingest::start(agent.url("/v1/clockings"), 3, 50, "heavy");
 
@@ -425,7 +429,7 @@ async fn broker_killed_in_a_loop_during_heavy_ingest_loses_nothing() {
         // the agent saw acknowledged, whatever the broker loses in the kill is still in flight
         // at the agent (Mosquitto runs without persistence: a message it acknowledged and had
         // not passed on yet would be the broker's loss, not the agent's).
-        kill_and_restart_broker(&proxy, &col, &mut mosquitto, &mut sub).await;
+        kill_and_restart_broker(&relay, &col, &mut mosquitto, &mut sub).await;
     }
     ingest.wait_acked(3000, LONG).await;
     let (generated, acked) = ingest.finish().await;
@@ -551,7 +555,9 @@ async fn anviz_link_cut_mid_backfill_then_every_record_delivered_once() {
         sim.add_record(*r, false);
     }
     let sim_addr = sim.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let proxy = Proxy::start_raw(sim_addr).await;
+    let relay = Relay::start_raw(sim_addr)
+        .await
+        .expect("starting the relay");
     let mut sub = Subscriber::start(mosquitto.addr(), "badgegate/plant-1/clockings/north").await;
     let col = Collector::start(&mut sub);
     let dir = tempfile::tempdir().unwrap();
@@ -559,16 +565,19 @@ async fn anviz_link_cut_mid_backfill_then_every_record_delivered_once() {
         dir.path(),
         &mosquitto.url(),
         "",
-        &anviz_connect("north", proxy.addr(), 7),
+        &anviz_connect("north", relay.addr(), 7),
     );
     let api = Api::new();
 
     for cycle in 0..CYCLES {
         // A fresh link is downloading: let it deliver a part, then cut it.
-        proxy.wait_connections_above(cycle as u64, LONG).await;
+        relay
+            .wait_connections_above(cycle as u64, LONG)
+            .await
+            .unwrap();
         let base = col.total();
         col.wait_total(base + RECORDS / 10, LONG).await;
-        proxy.cut();
+        relay.cut();
         assert_cleared_only_after_stored(&api, &agent, &sim).await;
         assert!(
             sim.new_count() > 0,
@@ -579,7 +588,7 @@ async fn anviz_link_cut_mid_backfill_then_every_record_delivered_once() {
         })
         .await;
         assert_cleared_only_after_stored(&api, &agent, &sim).await;
-        proxy.pass();
+        relay.pass();
     }
     eventually("every new-flag cleared", LONG, || async {
         assert_cleared_only_after_stored(&api, &agent, &sim).await;
@@ -612,7 +621,7 @@ async fn anviz_link_cut_mid_backfill_then_every_record_delivered_once() {
     );
     assert_eq!(duplicates, 0, "re-downloads are deduplicated by id");
     assert!(
-        proxy.connections() > CYCLES as u64,
+        relay.connections() > CYCLES as u64,
         "the agent reconnected after each cut"
     );
     assert_eq!(sim.total_count(), RECORDS as usize);
@@ -795,7 +804,9 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
         }
     };
     let mosquitto = Mosquitto::start();
-    let proxy = Proxy::start(mosquitto.addr()).await;
+    let relay = Relay::start(mosquitto.addr())
+        .await
+        .expect("starting the relay");
     let sim = Simulator::new(SimulatorConfig {
         device_id: 5,
         ..SimulatorConfig::default()
@@ -805,7 +816,7 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
     let col = Collector::start(&mut sub);
     let mut agent = AgentProc::start_with(
         dir.path(),
-        &proxy.url(),
+        &relay.url(),
         "",
         &anviz_connect("north", sim_addr, 5),
     );
@@ -813,7 +824,7 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
     sim.wait_for_links(1).await;
 
     // Fill the disk while the uplink is cut.
-    proxy.cut();
+    relay.cut();
     let mut acked = HashSet::new();
     let mut full = None;
     for i in 0..400 {
@@ -960,7 +971,7 @@ async fn disk_full_refuses_ingest_and_terminal_records_until_space_is_freed() {
     )
     .await;
     let want_device: HashSet<String> = records.iter().map(|r| anviz_id("north", r)).collect();
-    proxy.pass();
+    relay.pass();
     let mut want = acked.clone();
     want.extend(want_device.iter().cloned());
     col.wait_ids(&want, LONG).await;
@@ -985,7 +996,9 @@ async fn soak() {
         .unwrap_or(1.0);
     let run_for = Duration::from_secs_f64(minutes * 60.0);
     let mut mosquitto = Mosquitto::start();
-    let proxy = Proxy::start(mosquitto.addr()).await;
+    let relay = Relay::start(mosquitto.addr())
+        .await
+        .expect("starting the relay");
     let sim = Simulator::new(SimulatorConfig {
         device_id: 9,
         ..SimulatorConfig::default()
@@ -996,7 +1009,7 @@ async fn soak() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = AgentProc::start_with(
         dir.path(),
-        &proxy.url(),
+        &relay.url(),
         "",
         &anviz_connect("north", sim_addr, 9),
     );
@@ -1032,12 +1045,12 @@ async fn soak() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         match i % 3 {
             0 => {
-                kill_and_restart_broker(&proxy, &col, &mut mosquitto, &mut sub).await;
+                kill_and_restart_broker(&relay, &col, &mut mosquitto, &mut sub).await;
             }
             1 => {
-                proxy.cut();
+                relay.cut();
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                proxy.pass();
+                relay.pass();
             }
             _ => {
                 if let Some(kb) = agent.pid().and_then(peak_rss_kb) {
@@ -1085,7 +1098,7 @@ async fn soak() {
     );
     if lost > 0 {
         // Triage: from the terminal or HTTP, and did the broker / the agent see a PUBACK for it?
-        let (server, client) = (proxy.server_acked(), proxy.client_acked());
+        let (server, client) = (relay.server_acked(), relay.client_acked());
         for id in acked.iter().filter(|id| !counts.contains_key(*id)).take(20) {
             println!(
                 "soak: lost {id} from_device={} broker_acked={} agent_got_puback={}",

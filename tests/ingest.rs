@@ -161,7 +161,7 @@ async fn bad_input_gets_the_right_status_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_store_answers_507_and_recovers() {
     let mosquitto = Mosquitto::start();
-    let uplink = badgegate::kit::demo::proxy::Uplink::start(mosquitto.addr())
+    let uplink = badgegate::kit::relay::Relay::start(mosquitto.addr())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

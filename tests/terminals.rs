@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use badgegate::kit::demo::proxy::Uplink;
+use badgegate::kit::relay::Relay;
 use badgegate::kit::simulator::{Simulator, SimulatorConfig};
 use badgegate::terminals::anviz::codec::Record;
 use chrono::{NaiveDate, NaiveDateTime};
@@ -203,7 +203,7 @@ async fn agent_killed_between_download_and_clear_redownloads_without_duplicates(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realtime_push_while_the_broker_is_down_is_stored_then_delivered() {
     let mosquitto = Mosquitto::start();
-    let uplink = Uplink::start(mosquitto.addr()).await.unwrap();
+    let uplink = Relay::start(mosquitto.addr()).await.unwrap();
     let (sim, addr) = simulator(3).await;
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentProc::start_with(

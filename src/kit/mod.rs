@@ -8,6 +8,7 @@ pub mod fakes;
 /// Fuzz entry points, shared by `fuzz/` and `tests/fuzz_corpus.rs`; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod relay;
 pub mod simulator;
 
 /// A string that every build with the fake servers contains (they log it when they stop).

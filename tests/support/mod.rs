@@ -3,8 +3,6 @@
 //! process exiting) and is bounded by a deadline; nothing sleeps to synchronise.
 #![allow(dead_code)]
 
-pub mod proxy;
-
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

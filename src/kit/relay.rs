@@ -1,5 +1,6 @@
-//! A TCP proxy for fault-injection tests, placed between a client (the agent) and a server
-//! (Mosquitto, an Anviz terminal).
+//! A TCP relay that can break the link it carries: the demo's uplink, the benchmark's, and the
+//! fault-injection tests' (placed between the agent and Mosquitto, the embedded broker or an Anviz
+//! terminal).
 //!
 //! - [`Mode::Pass`]: bytes flow both ways.
 //! - [`Mode::Cut`]: every open connection is closed now; new ones are accepted and closed at once
@@ -8,19 +9,20 @@
 //!   nothing is forwarded either way; the bytes wait in the kernel until the mode changes.
 //! - [`Mode::HoldAcks`]: client → server bytes flow, server → client bytes are held back: the
 //!   broker gets the publishes, the client gets no PUBACK, so everything sent stays in flight.
-//! - [`Proxy::cut_after_publish`]: a one-shot for MQTT. The next client → server PUBLISH (QoS > 0,
+//! - [`Relay::cut_after_publish`]: a one-shot for MQTT. The next client → server PUBLISH (QoS > 0,
 //!   topic containing a needle) is forwarded; from then on nothing reaches the client, and the
 //!   connection is cut as soon as the server's PUBACK for that packet id has come back (or after
 //!   a bound if it never does). The broker has the message, the client never sees its PUBACK:
 //!   the cut lands exactly between the two.
 //!
-//! The proxy frames MQTT fixed headers (type nibble, remaining-length varint) in both directions,
-//! so it also records which clocking ids (the payload's `"id"`) the server acknowledged.
-#![allow(dead_code)]
+//! [`Relay::start`] frames MQTT fixed headers (type nibble, remaining-length varint) in both
+//! directions, so it also records which clocking ids (the payload's `"id"`) the server
+//! acknowledged and which acknowledgements reached the client. [`Relay::start_raw`] relays any
+//! protocol as plain chunks.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,7 +51,7 @@ fn held(dir: Dir, m: Mode) -> bool {
     }
 }
 
-/// One cut made by [`Proxy::cut_after_publish`].
+/// One cut made by [`Relay::cut_after_publish`].
 #[derive(Debug, Clone)]
 pub struct PublishCut {
     pub topic: String,
@@ -58,6 +60,14 @@ pub struct PublishCut {
     pub id: Option<String>,
     /// Whether the server's PUBACK came back (and was withheld) before the cut.
     pub server_acked: bool,
+}
+
+/// A condition waited for with [`Relay::wait`] did not hold in time.
+#[derive(Debug, thiserror::Error)]
+#[error("relay: {what} not within {timeout:?}")]
+pub struct WaitTimeout {
+    pub what: String,
+    pub timeout: Duration,
 }
 
 #[derive(Default)]
@@ -72,33 +82,35 @@ struct Shared {
     connections: u64,
 }
 
-pub struct Proxy {
+/// A poisoned lock only means another relay task panicked; the state is still consistent enough
+/// for counting and must not take the rest of the relay down with it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Relay {
     addr: SocketAddr,
-    /// Frame MQTT packets (false: relay raw chunks, for non-MQTT links such as Anviz TC-B).
-    mqtt: bool,
     mode: watch::Sender<Mode>,
     shared: Arc<Mutex<Shared>>,
-    /// Bumped on every change that tests wait for (a connection, a cut).
+    /// Bumped on every change that callers wait for (a connection, a cut).
     events: Arc<watch::Sender<u64>>,
     task: JoinHandle<()>,
 }
 
-impl Proxy {
+impl Relay {
     /// Relay MQTT connections made to a new loopback port to `target`.
-    pub async fn start(target: SocketAddr) -> Proxy {
-        Proxy::start_with(target, true).await
+    pub async fn start(target: SocketAddr) -> std::io::Result<Relay> {
+        Relay::start_with(target, true).await
     }
 
-    /// Relay any TCP protocol (no MQTT framing; [`Proxy::cut_after_publish`] does nothing).
-    pub async fn start_raw(target: SocketAddr) -> Proxy {
-        Proxy::start_with(target, false).await
+    /// Relay any TCP protocol (no MQTT framing; [`Relay::cut_after_publish`] does nothing).
+    pub async fn start_raw(target: SocketAddr) -> std::io::Result<Relay> {
+        Relay::start_with(target, false).await
     }
 
-    async fn start_with(target: SocketAddr, mqtt: bool) -> Proxy {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("binding the proxy");
-        let addr = listener.local_addr().unwrap();
+    async fn start_with(target: SocketAddr, mqtt: bool) -> std::io::Result<Relay> {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = listener.local_addr()?;
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let events = Arc::new(watch::channel(0u64).0);
@@ -126,26 +138,30 @@ impl Proxy {
                 }
             }
         });
-        Proxy {
+        Ok(Relay {
             addr,
-            mqtt,
             mode,
             shared,
             events,
             task,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// `mqtt://` and the relay's address: what the agent is configured with.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
     }
 
     pub fn set_mode(&self, mode: Mode) {
         self.mode.send_replace(mode);
+    }
+
+    pub fn mode(&self) -> Mode {
+        *self.mode.borrow()
     }
 
     pub fn pass(&self) {
@@ -160,75 +176,96 @@ impl Proxy {
         self.set_mode(Mode::Stall);
     }
 
-    /// Arm the one-shot PUBLISH/PUBACK cut for the next PUBLISH whose topic contains `needle`.
-    pub fn cut_after_publish(&self, needle: &str) {
-        self.shared.lock().unwrap().armed = Some(needle.to_owned());
-    }
-
-    pub fn is_armed(&self) -> bool {
-        self.shared.lock().unwrap().armed.is_some()
-    }
-
-    pub fn publish_cuts(&self) -> Vec<PublishCut> {
-        self.shared.lock().unwrap().cuts.clone()
-    }
-
     pub fn hold_acks(&self) {
         self.set_mode(Mode::HoldAcks);
     }
 
-    pub fn server_acked(&self) -> HashSet<String> {
-        self.shared.lock().unwrap().server_acked.clone()
+    /// Cut (false) or restore (true) the link.
+    pub fn set_up(&self, up: bool) {
+        self.set_mode(if up { Mode::Pass } else { Mode::Cut });
     }
 
-    /// Clocking ids whose PUBACK the proxy forwarded to the client: the ones it may delete.
+    /// Whether bytes flow both ways.
+    pub fn is_up(&self) -> bool {
+        self.mode() == Mode::Pass
+    }
+
+    /// Arm the one-shot PUBLISH/PUBACK cut for the next PUBLISH whose topic contains `needle`.
+    pub fn cut_after_publish(&self, needle: &str) {
+        lock(&self.shared).armed = Some(needle.to_owned());
+    }
+
+    pub fn is_armed(&self) -> bool {
+        lock(&self.shared).armed.is_some()
+    }
+
+    pub fn publish_cuts(&self) -> Vec<PublishCut> {
+        lock(&self.shared).cuts.clone()
+    }
+
+    /// Clocking ids whose PUBACK the server sent (whether or not the client got it).
+    pub fn server_acked(&self) -> HashSet<String> {
+        lock(&self.shared).server_acked.clone()
+    }
+
+    /// Clocking ids whose PUBACK the relay forwarded to the client: the ones it may delete.
     pub fn client_acked(&self) -> HashSet<String> {
-        self.shared.lock().unwrap().client_acked.clone()
+        lock(&self.shared).client_acked.clone()
     }
 
     /// Connections accepted and relayed so far.
     pub fn connections(&self) -> u64 {
-        self.shared.lock().unwrap().connections
+        lock(&self.shared).connections
     }
 
-    /// Waits until `cond` holds on the proxy's state (re-checked on every connection and cut).
-    pub async fn wait(&self, what: &str, timeout: Duration, cond: impl Fn(&Proxy) -> bool) {
+    /// Waits until `cond` holds on the relay's state (re-checked on every connection and cut).
+    pub async fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Relay) -> bool,
+    ) -> Result<(), WaitTimeout> {
         let mut rx = self.events.subscribe();
-        let ok = tokio::time::timeout(timeout, async {
-            loop {
-                if cond(self) {
-                    return;
-                }
+        let _ = tokio::time::timeout(timeout, async {
+            while !cond(self) {
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
         })
         .await;
-        assert!(
-            ok.is_ok() && cond(self),
-            "proxy: {what} not within {timeout:?}"
-        );
+        if cond(self) {
+            Ok(())
+        } else {
+            Err(WaitTimeout {
+                what: what.to_owned(),
+                timeout,
+            })
+        }
     }
 
     /// Waits until `n` PUBLISH/PUBACK cuts happened.
-    pub async fn wait_publish_cuts(&self, n: usize, timeout: Duration) {
-        self.wait(&format!("{n} publish cuts"), timeout, |p| {
-            p.publish_cuts().len() >= n
+    pub async fn wait_publish_cuts(&self, n: usize, timeout: Duration) -> Result<(), WaitTimeout> {
+        self.wait(&format!("{n} publish cuts"), timeout, |r| {
+            r.publish_cuts().len() >= n
         })
-        .await;
+        .await
     }
 
     /// Waits until more than `n` connections were relayed.
-    pub async fn wait_connections_above(&self, n: u64, timeout: Duration) {
-        self.wait(&format!("connection #{}", n + 1), timeout, |p| {
-            p.connections() > n
+    pub async fn wait_connections_above(
+        &self,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        self.wait(&format!("connection #{}", n + 1), timeout, |r| {
+            r.connections() > n
         })
-        .await;
+        .await
     }
 }
 
-impl Drop for Proxy {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.mode.send_replace(Mode::Cut);
         self.task.abort();
@@ -269,7 +306,7 @@ impl Conn {
         };
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
-        self.shared.lock().unwrap().connections += 1;
+        lock(&self.shared).connections += 1;
         self.events.send_modify(|n| *n += 1);
         let (client_rx, client_tx) = client.into_split();
         let (server_rx, server_tx) = server.into_split();
@@ -297,6 +334,7 @@ impl Conn {
         let mut cut = self.cut.subscribe();
         let mut framer = Framer::default();
         let mut buf = vec![0u8; 16 * 1024];
+        let mut out = Vec::with_capacity(16 * 1024);
         loop {
             // While held, do not read: the bytes wait at the sender.
             let gone = tokio::select! {
@@ -318,31 +356,41 @@ impl Conn {
                 }
                 continue;
             }
+            // Whole packets of this read go out in one write (one syscall, as a plain relay).
             framer.push(&buf[..n]);
+            out.clear();
+            let mut target_sent = false;
             while let Some(packet) = framer.next_packet() {
                 let forward = match dir {
                     Dir::ToServer => self.to_server(&packet, &ids),
                     Dir::ToClient => self.to_client(&packet, &ids),
                 };
-                if forward && to.write_all(&packet).await.is_err() {
-                    return;
+                if forward {
+                    out.extend_from_slice(&packet);
                 }
-                if dir == Dir::ToServer && self.target_pkid.lock().unwrap().is_some() {
-                    // The target PUBLISH went out: hold everything after it, and cut after a bound
-                    // if the server never acknowledges it.
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let mut cut = this.cut.subscribe();
-                        if tokio::time::timeout(PUBACK_BOUND, cut.wait_for(|c| *c))
-                            .await
-                            .is_err()
-                        {
-                            this.finish_cut(false);
-                        }
-                    });
-                    let _ = cut.wait_for(|c| *c).await;
-                    return;
+                if dir == Dir::ToServer && lock(&self.target_pkid).is_some() {
+                    target_sent = true;
+                    break;
                 }
+            }
+            if !out.is_empty() && to.write_all(&out).await.is_err() {
+                return;
+            }
+            if target_sent {
+                // The target PUBLISH went out: hold everything after it, and cut after a bound
+                // if the server never acknowledges it.
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let mut cut = this.cut.subscribe();
+                    if tokio::time::timeout(PUBACK_BOUND, cut.wait_for(|c| *c))
+                        .await
+                        .is_err()
+                    {
+                        this.finish_cut(false);
+                    }
+                });
+                let _ = cut.wait_for(|c| *c).await;
+                return;
             }
         }
     }
@@ -356,31 +404,31 @@ impl Conn {
             return true;
         };
         if let Some(id) = &p.id {
-            ids.lock().unwrap().insert(pkid, id.clone());
+            lock(ids).insert(pkid, id.clone());
         }
-        let mut sh = self.shared.lock().unwrap();
+        let mut sh = lock(&self.shared);
         if sh.armed.as_deref().is_some_and(|n| p.topic.contains(n)) {
             sh.armed = None;
             // Set before the PUBLISH is written, so its PUBACK can never be forwarded.
-            *self.target_pkid.lock().unwrap() = Some((pkid, p.topic, p.id));
+            *lock(&self.target_pkid) = Some((pkid, p.topic, p.id));
         }
         true
     }
 
     /// Server → client: record acknowledged ids; withhold everything once a cut is armed here.
     fn to_client(&self, packet: &[u8], ids: &Mutex<HashMap<u16, String>>) -> bool {
-        let puback = (packet[0] >> 4 == 4)
+        let puback = (packet.first().map(|b| b >> 4) == Some(4))
             .then(|| pkid_after_header(packet))
             .flatten();
-        let acked_id = puback.and_then(|pkid| ids.lock().unwrap().remove(&pkid));
+        let acked_id = puback.and_then(|pkid| lock(ids).remove(&pkid));
         if let Some(id) = &acked_id {
-            self.shared.lock().unwrap().server_acked.insert(id.clone());
+            lock(&self.shared).server_acked.insert(id.clone());
         }
-        let target = self.target_pkid.lock().unwrap().as_ref().map(|t| t.0);
+        let target = lock(&self.target_pkid).as_ref().map(|t| t.0);
         match target {
             None => {
                 if let Some(id) = acked_id {
-                    self.shared.lock().unwrap().client_acked.insert(id);
+                    lock(&self.shared).client_acked.insert(id);
                 }
                 true
             }
@@ -394,13 +442,13 @@ impl Conn {
     }
 
     fn finish_cut(&self, server_acked: bool) {
-        let Some((pkid, topic, id)) = self.target_pkid.lock().unwrap().clone() else {
+        let Some((pkid, topic, id)) = lock(&self.target_pkid).clone() else {
             return;
         };
         if self.cut.send_replace(true) {
             return;
         }
-        self.shared.lock().unwrap().cuts.push(PublishCut {
+        lock(&self.shared).cuts.push(PublishCut {
             topic,
             pkid,
             id,
@@ -445,6 +493,7 @@ pub fn remaining_length(buf: &[u8]) -> Option<(usize, usize)> {
     Some((buf.len().saturating_sub(5), 5))
 }
 
+/// The packet id right after the fixed header (PUBACK, SUBACK, ...).
 pub fn pkid_after_header(packet: &[u8]) -> Option<u16> {
     let (_, h) = remaining_length(packet)?;
     Some(u16::from_be_bytes([*packet.get(h)?, *packet.get(h + 1)?]))
@@ -458,7 +507,7 @@ pub struct Publish {
 
 /// A PUBLISH's topic, packet id (QoS > 0) and payload `"id"` (MQTT 3.1.1 layout).
 pub fn parse_publish(packet: &[u8]) -> Option<Publish> {
-    if packet[0] >> 4 != 3 {
+    if packet.first()? >> 4 != 3 {
         return None;
     }
     let qos = (packet[0] >> 1) & 3;
