@@ -158,6 +158,7 @@ impl Agent {
             let sink = ProtimeSink::new(
                 client.clone(),
                 p.timezone,
+                Duration::from_secs(p.retry_max_secs),
                 store.clone(),
                 writer_handle.clone(),
                 metrics.clone(),

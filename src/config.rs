@@ -246,6 +246,8 @@ pub struct ProtimeConfig {
     pub mirror_days: u32,
     /// Mirror: how often people (the badge map) are reloaded.
     pub people_interval_secs: u64,
+    /// The longest pause between delivery attempts while Protime fails (backoff from 1 s).
+    pub retry_max_secs: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -555,6 +557,7 @@ struct RawProtime {
     mirror_interval_secs: Option<u64>,
     mirror_days: Option<u32>,
     people_interval_secs: Option<u64>,
+    retry_max_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1246,6 +1249,12 @@ impl Validator {
             3600,
             1..=604_800,
         );
+        let retry_max_secs = self.bounded(
+            "sinks.protime.retry_max_secs",
+            raw.retry_max_secs,
+            60,
+            1..=3600,
+        );
         Some(ProtimeConfig {
             base_url,
             token_url,
@@ -1256,6 +1265,7 @@ impl Validator {
             mirror_interval_secs,
             mirror_days,
             people_interval_secs,
+            retry_max_secs,
         })
     }
 
@@ -1555,9 +1565,10 @@ mod tests {
             (
                 pt.mirror_interval_secs,
                 pt.mirror_days,
-                pt.people_interval_secs
+                pt.people_interval_secs,
+                pt.retry_max_secs
             ),
-            (60, 7, 3600)
+            (60, 7, 3600, 60)
         );
         assert_eq!(
             c.terminals[1].crosschex_serial.as_deref(),

@@ -128,6 +128,7 @@ pub fn clocking_key(pc: &ProtimeClocking) -> ClockingKey {
 pub struct ProtimeSink {
     client: ProtimeClient,
     tz: Tz,
+    retry_max: Duration,
     store: Arc<Store>,
     writer: WriterHandle,
     metrics: Arc<Metrics>,
@@ -152,6 +153,7 @@ impl ProtimeSink {
     pub fn new(
         client: ProtimeClient,
         tz: Tz,
+        retry_max: Duration,
         store: Arc<Store>,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
@@ -181,6 +183,7 @@ impl ProtimeSink {
         ProtimeSink {
             client,
             tz,
+            retry_max,
             store,
             writer,
             metrics,
@@ -190,7 +193,7 @@ impl ProtimeSink {
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        let mut backoff = Backoff::new(Duration::from_secs(1), self.retry_max);
         let mut committed = self.writer.committed();
         loop {
             if *shutdown.borrow() {

@@ -124,6 +124,8 @@ timezone = "Europe/Brussels"
 # ... and Protime's own access clockings come back, mirrored (never posted back).
 mirror = true
 mirror_interval_secs = 1
+# Retry soon after the outage, like the MQTT link's reconnect_max_ms above.
+retry_max_secs = 2
 {sources}"#,
         data_dir.display(),
         protime.base_url(),
