@@ -88,15 +88,19 @@ pub fn parse_aktion_date(raw: &str, tz: Tz) -> Result<DateTime<FixedOffset>, Str
         return Ok(d);
     }
     let s = raw.trim();
-    let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
-        .or_else(|| {
-            NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-        })
-        .ok_or_else(|| format!("not an Aktion date: {raw:?}"))?;
+    let naive = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S",
+    ]
+    .iter()
+    .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())
+    .or_else(|| {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+    })
+    .ok_or_else(|| format!("not an Aktion date: {raw:?}"))?;
     tz.from_local_datetime(&naive)
         .earliest()
         .map(|d| d.fixed_offset())
@@ -482,6 +486,14 @@ pub struct AktionHwEvent {
     pub descriptions: Option<String>,
 }
 
+/// A `getC4HwEvents` answer: the events that could be read (oldest `DateCreated` first) and
+/// how many malformed ones were skipped (each logged).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct C4Events {
+    pub events: Vec<AktionHwEvent>,
+    pub skipped: usize,
+}
+
 impl AktionHwEvent {
     /// Arrival and the end of an interruption (coming back) → in; departure and the start of an
     /// interruption (leaving for a doctor, a business trip...) → out; 0 and anything else say
@@ -579,7 +591,7 @@ impl AktionClient {
         &self,
         c4: &str,
         last_sync: DateTime<Utc>,
-    ) -> Result<Vec<AktionHwEvent>, CloudError> {
+    ) -> Result<C4Events, CloudError> {
         let mut url = self.url("HwStructure/getC4HwEvents")?;
         url.query_pairs_mut()
             .append_pair("C4Identification", c4)
@@ -771,9 +783,10 @@ pub(crate) fn parse_shifts_page(
 
 /// A `getC4HwEvents` answer (`{"C4HwEvents":[..]}`, model `HwStructGetC4HwEventsResp`): the
 /// events that could be read, oldest `DateCreated` first. Zone-less dates are read in `tz`.
-pub(crate) fn parse_events_page(v: Value, tz: Tz) -> Result<Vec<AktionHwEvent>, String> {
+pub(crate) fn parse_events_page(v: Value, tz: Tz) -> Result<C4Events, String> {
     let page =
         serde_json::from_value::<EventsPage>(v).map_err(|e| format!("events answer: {e}"))?;
+    let listed = page.c4_hw_events.len();
     let mut events: Vec<AktionHwEvent> = items::<EventWire>(CALL_C4_EVENTS, page.c4_hw_events)
         .into_iter()
         .filter_map(|w| {
@@ -783,7 +796,10 @@ pub(crate) fn parse_events_page(v: Value, tz: Tz) -> Result<Vec<AktionHwEvent>, 
         })
         .collect();
     events.sort_by_key(|e| e.date_created);
-    Ok(events)
+    Ok(C4Events {
+        skipped: listed - events.len(),
+        events,
+    })
 }
 
 /// Rewrites the vendor errors an operator must act on into what to fix: 1228 (the C4 controller
@@ -1189,6 +1205,7 @@ pub(crate) mod tests {
             .c4_events("C4-1", utc("2026-03-02T07:00:00Z"))
             .await
             .expect("events");
+        let first = first.events;
         let ids: Vec<_> = first.iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids, [e1.clone(), e2]);
         assert_eq!(first[0].gate_direction(), Direction::In);
@@ -1207,18 +1224,22 @@ pub(crate) mod tests {
             .iter()
             .find(|r| r.endpoint == endpoint::HW_EVENTS)
             .expect("logged");
-        assert!(call.uri.contains("LastSync=2026-03-02T08%3A00%3A00"), "{}", call.uri);
+        assert!(
+            call.uri.contains("LastSync=2026-03-02T08%3A00%3A00"),
+            "{}",
+            call.uri
+        );
         // Whole seconds: the watermark's second comes again (the source drops what it read).
         let again = client
             .c4_events("C4-1", utc("2026-03-02T08:00:00.250Z"))
             .await
             .expect("again");
-        assert_eq!(again.len(), 2, "{again:?}");
+        assert_eq!(again.events.len(), 2, "{again:?}");
         let later = client
             .c4_events("C4-1", utc("2026-03-02T08:05:00Z"))
             .await
             .expect("nothing new");
-        assert!(later.is_empty());
+        assert!(later.events.is_empty());
         fake.shutdown().await;
     }
 
@@ -1400,12 +1421,18 @@ pub(crate) mod tests {
             "DateCreated": "/Date(1560578400000)/", "Date": "/Date(1560578400000)/",
             "EventCode": true});
         let page = json!({"C4HwEvents": [numeric_id, bad_date, good, bool_code, "nonsense"]});
-        let events = parse_events_page(page, chrono_tz::Europe::Prague).expect("page");
+        let page = parse_events_page(page, chrono_tz::Europe::Prague).expect("page");
+        assert_eq!(page.skipped, 4);
+        let events = page.events;
         assert_eq!(events.len(), 1);
         let e = &events[0];
         assert_eq!(e.id, "0f8fad5b-d9cb-469f-a165-70867728950e");
         assert_eq!(e.gate_direction(), Direction::Out);
-        assert_eq!(e.identifier.as_deref(), Some("9A1"), "hex without leading zeros");
+        assert_eq!(
+            e.identifier.as_deref(),
+            Some("9A1"),
+            "hex without leading zeros"
+        );
         assert_eq!(e.owner_id, None);
         // A zone-less date is the tenant's local time (CEST in June).
         assert_eq!(e.date.with_timezone(&Utc), utc("2019-06-15T06:00:00Z"));
@@ -1430,7 +1457,11 @@ pub(crate) mod tests {
             ]
         }))
         .expect("person");
-        assert_eq!(person.identifiers.len(), 6, "the malformed identifier is skipped");
+        assert_eq!(
+            person.identifiers.len(),
+            6,
+            "the malformed identifier is skipped"
+        );
         // 12:00Z is 13:00 in Prague: C0 expired at 12:59:59, D0 starts at 13:00:01.
         assert_eq!(person_badges(&person, now, tz), ["AA", "R-AA", "C1"]);
         assert!(!person.locked());
@@ -1438,7 +1469,10 @@ pub(crate) mod tests {
             serde_json::from_value(json!({"PersonId": "P2", "Lock": 1})).expect("person");
         assert!(all_locked.locked());
         // A boolean Lock is not what the page documents: the person is malformed.
-        assert!(serde_json::from_value::<AktionPerson>(json!({"PersonId": "P3", "Lock": true})).is_err());
+        assert!(
+            serde_json::from_value::<AktionPerson>(json!({"PersonId": "P3", "Lock": true}))
+                .is_err()
+        );
     }
 
     #[test]
@@ -1497,7 +1531,10 @@ mod golden {
     use reqwest::header::HeaderMap;
 
     fn fixture(name: &str) -> Value {
-        let path = format!("{}/tests/fixtures/aktion/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/aktion/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(&path).expect("fixture");
         serde_json::from_str(&text).expect("json")
     }
@@ -1511,7 +1548,9 @@ mod golden {
     }
 
     fn utc(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).expect("t").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(s)
+            .expect("t")
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -1528,17 +1567,28 @@ mod golden {
         assert_eq!(shifts[2].end, utc("2019-06-16T06:00:00+02:00"));
 
         let tz = chrono_tz::Europe::Prague;
-        let events = parse_events_page(fixture("get-c4-hw-events.json"), tz).expect("events");
+        let events = parse_events_page(fixture("get-c4-hw-events.json"), tz)
+            .expect("events")
+            .events;
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].id, "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "oldest first");
+        assert_eq!(
+            events[0].id, "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "oldest first"
+        );
         assert_eq!(
             events[1].owner_id.as_deref(),
             Some("2a8f1e4c-5b7d-4e3a-9c61-0d2f8b7a6e51")
         );
-        assert_eq!(events[1].hw_structure_id.as_deref(), Some("7c9e6679-7425-40de-944b-e07fc1f90ae7"));
+        assert_eq!(
+            events[1].hw_structure_id.as_deref(),
+            Some("7c9e6679-7425-40de-944b-e07fc1f90ae7")
+        );
         assert_eq!((events[1].event_code, events[1].direction), (3, 4));
         assert_eq!(events[0].identifier.as_deref(), Some("A1B2C3"));
-        assert_eq!(events[1].date.with_timezone(&Utc), utc("2024-11-21T11:51:46.22378Z"));
+        assert_eq!(
+            events[1].date.with_timezone(&Utc),
+            utc("2024-11-21T11:51:46.22378Z")
+        );
 
         let (persons, paging, listed) =
             parse_persons_page(fixture("get-person-getall.json")).expect("persons");
@@ -1548,12 +1598,20 @@ mod golden {
         assert!(!p.locked());
         assert_eq!(
             person_badges(p, utc("2026-03-02T12:00:00Z"), tz),
-            ["AB12CD", "sample string 5", "sample string 15", "sample string 16"]
+            [
+                "AB12CD",
+                "sample string 5",
+                "sample string 15",
+                "sample string 16"
+            ]
         );
 
         let a = answer(404, "error-1228.json");
         let v = vendor_answer(&a);
         assert_eq!(error_number(&v), Some(code::HW_NOT_FOUND));
-        assert!(matches!(parse_get_answer(&a, false), Verdict::Fail(ErrorKind::Vendor(_))));
+        assert!(matches!(
+            parse_get_answer(&a, false),
+            Verdict::Fail(ErrorKind::Vendor(_))
+        ));
     }
 }

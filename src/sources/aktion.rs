@@ -224,16 +224,21 @@ impl AktionSource {
         };
         // LastSync is required: without a watermark, `lookback_hours` ago.
         let since = mark.last_sync.unwrap_or_else(|| Utc::now() - self.lookback);
-        let events = self.client.c4_events(c4, since).await?;
+        let answer = self.client.c4_events(c4, since).await?;
+        // Malformed events were logged by the client; count them here.
+        self.health
+            .skipped
+            .fetch_add(answer.skipped as u64, Ordering::Relaxed);
+        let events = answer.events;
         let fresh: Vec<&AktionHwEvent> = events
             .iter()
             .filter(|e| !mark.seen.contains(&e.id))
-            .filter(|e| mark.last_sync.is_none_or(|l| second_of(e.date_created.with_timezone(&Utc)) >= second_of(l)))
+            .filter(|e| {
+                mark.last_sync
+                    .is_none_or(|l| second_of(e.date_created.with_timezone(&Utc)) >= second_of(l))
+            })
             .collect();
-        let batch: Vec<NewClocking> = fresh
-            .iter()
-            .filter_map(|e| self.clocking(c4, e))
-            .collect();
+        let batch: Vec<NewClocking> = fresh.iter().filter_map(|e| self.clocking(c4, e)).collect();
         let next = if mark.last_sync.is_none() {
             Mark {
                 last_sync: Some(since),
@@ -278,7 +283,9 @@ impl AktionSource {
     /// Aktion's verdict on a passage: its `EventCode` through `sources.aktion.event_codes`.
     fn status(&mut self, c4: &str, e: &AktionHwEvent) -> Option<AccessStatus> {
         match self.event_codes.get(&e.event_code) {
-            Some(AccessStatus::AccessOk) if e.owner_id.is_none() => Some(AccessStatus::UnknownBadge),
+            Some(AccessStatus::AccessOk) if e.owner_id.is_none() => {
+                Some(AccessStatus::UnknownBadge)
+            }
             Some(s) => Some(*s),
             None => {
                 let n = self.unknown_codes.entry(e.event_code).or_insert(0);

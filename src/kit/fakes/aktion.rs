@@ -193,6 +193,8 @@ struct State {
     offset_suffix: OffsetSuffix,
     max_page_size: u32,
     deny_persons: bool,
+    /// Events whose `ID` is sent as a number (not the documented GUID).
+    malformed: Vec<i64>,
 }
 
 /// Cloneable handle to seed data, inspect requests and inject faults.
@@ -226,6 +228,7 @@ impl AktionControl {
                 offset_suffix: OffsetSuffix::Never,
                 max_page_size: 100,
                 deny_persons: false,
+                malformed: Vec::new(),
             })),
             wire: Wire::default(),
         }
@@ -291,6 +294,16 @@ impl AktionControl {
             hw_structure_id,
             sensor_name: sensor_name.to_string(),
         });
+    }
+
+    /// Stores a hardware event that the server lists with a malformed `ID` (a number, not a
+    /// GUID): a client must skip it and read the others.
+    pub fn add_malformed_hw_event(&self, event: HwEvent) {
+        let mut st = lock(&self.state);
+        let id = st.next_event_id;
+        st.next_event_id += 1;
+        st.events.push((id, event));
+        st.malformed.push(id);
     }
 
     /// Stores a hardware event; returns its `ID` (a GUID, see [`event_guid`]).
@@ -411,7 +424,10 @@ pub fn owner_guid(person_id: &str) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     person_id.hash(&mut h);
-    format!("0e0e0000-0000-4000-8000-{:012x}", h.finish() & 0xffff_ffff_ffff)
+    format!(
+        "0e0e0000-0000-4000-8000-{:012x}",
+        h.finish() & 0xffff_ffff_ffff
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,7 +627,7 @@ struct PersonsResp<'a> {
 #[serde(rename_all = "PascalCase")]
 struct EventJson<'a> {
     #[serde(rename = "ID")]
-    id: String,
+    id: serde_json::Value,
     hw_structure_id: String,
     date_created: String,
     date: String,
@@ -1098,9 +1114,11 @@ fn sensor_not_found(name: &str) -> Box<Response> {
 
 fn hw_events(st: &State, params: &Params) -> Result<Response, Box<Response>> {
     let ident = params.required("C4Identification")?;
-    let last_sync = params
-        .time("LastSync", st.server_offset)?
-        .ok_or_else(|| Box::new(bad_param("LastSync: The LastSync field is required.".into())))?;
+    let last_sync = params.time("LastSync", st.server_offset)?.ok_or_else(|| {
+        Box::new(bad_param(
+            "LastSync: The LastSync field is required.".into(),
+        ))
+    })?;
     let Some(c4) = st.c4s.iter().find(|c| c.identification == ident) else {
         return Err(Box::new(error(
             StatusCode::NOT_FOUND,
@@ -1125,7 +1143,11 @@ fn hw_events(st: &State, params: &Params) -> Result<Response, Box<Response>> {
         c4_hw_events: events
             .iter()
             .map(|(id, e)| EventJson {
-                id: event_guid(*id),
+                id: if st.malformed.contains(id) {
+                    serde_json::Value::from(*id)
+                } else {
+                    serde_json::Value::from(event_guid(*id))
+                },
                 hw_structure_id: hw_guid(e.hw_structure_id),
                 date_created: ms_date(e.date_created, suffix_for(*id)),
                 date: ms_date(e.date, suffix_for(*id)),
@@ -1247,7 +1269,11 @@ mod tests {
     async fn c4_events_follow_the_published_page() {
         let e = env().await;
         let t = e.token().await;
-        let at = |s: &str| DateTime::parse_from_rfc3339(s).expect("t").with_timezone(&Utc);
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("t")
+                .with_timezone(&Utc)
+        };
         let id = e.ctl.add_hw_event(HwEvent {
             hw_structure_id: 11,
             date_created: at("2026-03-02T08:00:00.250Z"),
@@ -1261,14 +1287,21 @@ mod tests {
         });
         // LastSync is Required.
         let (status, body) = e
-            .get("HwStructure/getC4HwEvents", &[("C4Identification", "C4-1"), ("Token", &t)])
+            .get(
+                "HwStructure/getC4HwEvents",
+                &[("C4Identification", "C4-1"), ("Token", &t)],
+            )
             .await;
         assert_eq!((status, body["Code"].as_u64()), (400, Some(1002)));
         // Only the documented format.
         let (status, body) = e
             .get(
                 "HwStructure/getC4HwEvents",
-                &[("C4Identification", "C4-1"), ("LastSync", "2026-03-02T07:00:00Z"), ("Token", &t)],
+                &[
+                    ("C4Identification", "C4-1"),
+                    ("LastSync", "2026-03-02T07:00:00Z"),
+                    ("Token", &t),
+                ],
             )
             .await;
         assert_eq!((status, body["Code"].as_u64()), (400, Some(1002)));
@@ -1276,14 +1309,22 @@ mod tests {
         let (status, body) = e
             .get(
                 "HwStructure/getC4HwEvents",
-                &[("C4Identification", "nope"), ("LastSync", "2026-03-02T07:00:00"), ("Token", &t)],
+                &[
+                    ("C4Identification", "nope"),
+                    ("LastSync", "2026-03-02T07:00:00"),
+                    ("Token", &t),
+                ],
             )
             .await;
         assert_eq!((status, body["Code"].as_u64()), (404, Some(1228)));
         let (status, body) = e
             .get(
                 "HwStructure/getC4HwEvents",
-                &[("C4Identification", "C4-1"), ("LastSync", "2026-03-02T08:00:00"), ("Token", &t)],
+                &[
+                    ("C4Identification", "C4-1"),
+                    ("LastSync", "2026-03-02T08:00:00"),
+                    ("Token", &t),
+                ],
             )
             .await;
         assert_eq!(status, 200);
@@ -1291,9 +1332,14 @@ mod tests {
         assert_eq!(ev["ID"], Value::String(id));
         assert_eq!(ev["HwStructureId"], Value::String(hw_guid(11)));
         assert_eq!(ev["OwnerId"], Value::String(owner_guid("P1")));
-        assert_eq!((ev["EventCode"].as_i64(), ev["Direction"].as_i64()), (Some(5), Some(2)));
+        assert_eq!(
+            (ev["EventCode"].as_i64(), ev["Direction"].as_i64()),
+            (Some(5), Some(2))
+        );
         assert!(ev["Descriptions"].is_string());
-        assert!(ev["DateCreated"].as_str().is_some_and(|d| d.starts_with("/Date(")));
+        assert!(ev["DateCreated"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("/Date(")));
         e.fake.shutdown().await;
     }
 
@@ -1319,11 +1365,27 @@ mod tests {
         assert_eq!(status, 200);
         let p = &body["Persons"][0];
         for field in [
-            "PersonId", "Name", "Surname", "OrganizationStructure", "Department",
-            "EmployeePosition", "Email", "MobilPhoneNumber", "PhoneNumber", "LoginName",
-            "DegreeInFrontName", "DegreeAfterName", "Sex", "IdentifierEntryCode",
-            "IdentifierCard1", "IdentifierCard2", "Desc", "Lock", "Identifiers",
-            "TimeLastChange", "UdsCollection",
+            "PersonId",
+            "Name",
+            "Surname",
+            "OrganizationStructure",
+            "Department",
+            "EmployeePosition",
+            "Email",
+            "MobilPhoneNumber",
+            "PhoneNumber",
+            "LoginName",
+            "DegreeInFrontName",
+            "DegreeAfterName",
+            "Sex",
+            "IdentifierEntryCode",
+            "IdentifierCard1",
+            "IdentifierCard2",
+            "Desc",
+            "Lock",
+            "Identifiers",
+            "TimeLastChange",
+            "UdsCollection",
         ] {
             assert!(p.get(field).is_some(), "{field}");
         }
@@ -1335,7 +1397,12 @@ mod tests {
         e.ctl.deny_persons(true);
         let (status, body) = e.get("person/getAll", &[("Token", &t)]).await;
         assert_eq!((status, body["Code"].as_u64()), (403, Some(1101)));
-        let (status, body) = e.get("person/getAll", &[("Token", "6f1c2a9e-3b7d-4c55-9a0e-2f4b8d1c7e90")]).await;
+        let (status, body) = e
+            .get(
+                "person/getAll",
+                &[("Token", "6f1c2a9e-3b7d-4c55-9a0e-2f4b8d1c7e90")],
+            )
+            .await;
         assert_eq!((status, body["Code"].as_u64()), (401, Some(1000)));
         e.fake.shutdown().await;
     }
