@@ -3,7 +3,7 @@
 //! richer types the agent uses. Every problem names its key, e.g.
 //! `mqtt.url: unsupported scheme "htp" (expected mqtt or mqtts)`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -283,6 +283,12 @@ pub struct AktionConfig {
     pub people_interval_secs: u64,
     /// Shifts are held from yesterday to this many days ahead.
     pub shift_days: u32,
+    /// The tenant's zone: Aktion's date parameters and zone-less dates are its local time.
+    pub timezone: Tz,
+    /// The first `LastSync` of a controller (no watermark yet) is this far back.
+    pub lookback_hours: u32,
+    /// `EventCode` → status; codes are tenant-defined (default: 0 = `AccessOk`).
+    pub event_codes: BTreeMap<i64, AccessStatus>,
 }
 
 /// Checks of the contents of files the configuration names, for formats another module owns
@@ -393,7 +399,7 @@ impl Config {
         }
         let protime = raw_protime.and_then(|p| v.protime(p, agent.timezone));
         let crosschex = raw_crosschex.and_then(|c| v.crosschex(c, agent.timezone));
-        let aktion = raw_aktion.and_then(|a| v.aktion(a));
+        let aktion = raw_aktion.and_then(|a| v.aktion(a, agent.timezone));
         if let Some(a) = &aktion {
             for (i, t) in terminals.iter().enumerate() {
                 if let Some(c4) = t
@@ -581,6 +587,9 @@ struct RawAktion {
     c4_controllers: Option<Vec<String>>,
     people_interval_secs: Option<u64>,
     shift_days: Option<u32>,
+    timezone: Option<String>,
+    lookback_hours: Option<u32>,
+    event_codes: Option<BTreeMap<String, String>>,
 }
 
 struct Validator {
@@ -1310,7 +1319,7 @@ impl Validator {
         })
     }
 
-    fn aktion(&mut self, raw: RawAktion) -> Option<AktionConfig> {
+    fn aktion(&mut self, raw: RawAktion, default_tz: Tz) -> Option<AktionConfig> {
         let base_url = self.http_url("sources.aktion.base_url", raw.base_url);
         let user_login = self.required("sources.aktion.user_login", raw.user_login);
         let api_key = self.secret("sources.aktion.api_key_file", raw.api_key_file);
@@ -1327,6 +1336,27 @@ impl Validator {
             1..=604_800,
         );
         let shift_days = self.bounded("sources.aktion.shift_days", raw.shift_days, 2, 1..=31);
+        let timezone = self.timezone("sources.aktion.timezone", raw.timezone, default_tz);
+        let lookback_hours = self.bounded(
+            "sources.aktion.lookback_hours",
+            raw.lookback_hours,
+            24,
+            1..=8760,
+        );
+        let mut event_codes = BTreeMap::from([(0, AccessStatus::AccessOk)]);
+        for (code, status) in raw.event_codes.unwrap_or_default() {
+            let key = format!("sources.aktion.event_codes.{code}");
+            match (code.trim().parse::<i64>(), status.parse::<AccessStatus>()) {
+                (Ok(c), Ok(s)) => {
+                    event_codes.insert(c, s);
+                }
+                (Err(_), _) => self.problem(&key, "the key must be an integer EventCode"),
+                (_, Err(())) => self.problem(
+                    &key,
+                    format!("{status:?} is not a status (AccessOk, AccessRefused, ...)"),
+                ),
+            }
+        }
         let mut c4_controllers: Vec<String> = Vec::new();
         for (i, c4) in raw
             .c4_controllers
@@ -1352,6 +1382,9 @@ impl Validator {
             c4_controllers,
             people_interval_secs,
             shift_days,
+            timezone,
+            lookback_hours,
+            event_codes,
         })
     }
 }

@@ -8,19 +8,20 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use badgegate::kit::fakes::aktion::{
-    endpoint, AktionControl, FakeAktion, HwEvent, OffsetSuffix, Person, Shift, DEFAULT_API_KEY,
-    DEFAULT_USER_LOGIN,
+    endpoint, AktionControl, FakeAktion, HwEvent, Identifier, OffsetSuffix, Person, Shift,
+    DEFAULT_API_KEY, DEFAULT_USER_LOGIN,
 };
 use badgegate::kit::fakes::Fault;
 use badgegate::model::{ClockingId, Direction};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// Aktion knows P1 (card 90001) and P2 (card 90002, locked); controller C4-1 is the agent's
-/// terminal `door-a` (outside → production), C4-2 is claimed by no terminal.
+/// Aktion knows P1 (card 90001) and P2 (card 90002, every identifier locked); controller C4-1
+/// is the agent's terminal `door-a` (outside → production), C4-2 is claimed by no terminal. The
+/// fake's server time is +01:00, the tenant zone configured is `Etc/GMT-1` (the same).
 async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> (FakeAktion, CloudRig) {
     let fake = FakeAktion::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -44,6 +45,11 @@ async fn rig(extra: &str, seed: impl FnOnce(&AktionControl)) -> (FakeAktion, Clo
     ctl.add_c4("C4-1", 11, "Gate A");
     ctl.add_c4("C4-2", 12, "Gate B");
     seed(&ctl);
+    let c4s = if extra.contains("c4_controllers") {
+        ""
+    } else {
+        r#"c4_controllers = ["C4-1", "C4-2"]"#
+    };
     let source = format!(
         r#"
 [[zones]]
@@ -60,7 +66,8 @@ base_url = "{}"
 user_login = "{DEFAULT_USER_LOGIN}"
 api_key_file = "aktion-key"
 poll_interval_secs = 1
-c4_controllers = ["C4-1", "C4-2"]
+timezone = "Etc/GMT-1"
+{c4s}
 {extra}
 "#,
         fake.base_url()
@@ -77,7 +84,7 @@ fn event(hw: i64, owner: Option<&str>, identifier: &str, direction: u8, secs_ago
         hw_structure_id: hw,
         date_created: date + chrono::Duration::seconds(1),
         date,
-        event_code: 1,
+        event_code: 0,
         direction,
         owner_id: owner.map(str::to_owned),
         identifier: identifier.into(),
@@ -291,4 +298,237 @@ async fn rate_policy_restarts_garbage_and_outages_lose_nothing_and_duplicate_not
     rig.sub.collect_ids(&during, LONG).await;
     rig.api.wait_drained(&rig.agent, LONG).await;
     assert_no_secrets(&fake, &rig);
+}
+
+fn code(mut e: HwEvent, event_code: i32) -> HwEvent {
+    e.event_code = event_code;
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c4_events_with_guid_ids_become_clockings() {
+    let mut want = HashSet::new();
+    let (fake, mut rig) = rig("", |ctl| {
+        want = add(
+            ctl,
+            vec![
+                event(11, Some("P1"), "90001", 1, 50),
+                event(11, Some("P1"), "90001", 2, 40),
+            ],
+        );
+    })
+    .await;
+    let ctl = fake.control();
+    let got = rig.sub.collect_ids(&want, LONG).await;
+    assert!(got
+        .iter()
+        .all(|v| v["person"] == "P1" && v["status"] == "AccessOk"));
+    // Polls go on every second; the watermark's second comes back each time (whole-second
+    // LastSync) and is dropped by GUID: never stored twice.
+    let polls = ctl.wire().count(endpoint::HW_EVENTS);
+    eventually("a few more polls", LONG, || async {
+        ctl.wire().count(endpoint::HW_EVENTS) >= polls + 6
+    })
+    .await;
+    assert_eq!(rig.metric("badgegate_clockings_duplicate_total").await, 0.0);
+    assert_eq!(rig.source_health("aktion").await["clockings"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_poll_sends_last_sync_from_lookback() {
+    let mut want = HashSet::new();
+    let (fake, mut rig) = rig("lookback_hours = 2", |ctl| {
+        // Stored 3 h ago: before the lookback, not read.
+        add(ctl, vec![event(11, Some("P1"), "90001", 1, 3 * 3600)]);
+        want = add(ctl, vec![event(11, Some("P1"), "90001", 2, 3600)]);
+    })
+    .await;
+    let ctl = fake.control();
+    rig.sub.collect_ids(&want, LONG).await;
+    let sent = ctl.wire().query_values("LastSync");
+    // As logged on the wire: percent-encoded.
+    let first = sent
+        .first()
+        .expect("LastSync sent on the first poll")
+        .replace("%3A", ":");
+    let local = NaiveDateTime::parse_from_str(&first, "%Y-%m-%dT%H:%M:%S")
+        .unwrap_or_else(|e| panic!("{first:?} is not yyyy-MM-ddTHH:mm:ss: {e}"));
+    let at = chrono_tz::Etc::GMTMinus1
+        .from_local_datetime(&local)
+        .single()
+        .unwrap()
+        .with_timezone(&Utc);
+    let expected = Utc::now() - chrono::Duration::hours(2);
+    assert!(
+        (at - expected).num_seconds().abs() < 300,
+        "LastSync {first} (+01:00) is not 2 h back"
+    );
+    // Later polls send the newest DateCreated read.
+    eventually("a poll from the watermark", LONG, || async {
+        ctl.wire().query_values("LastSync").len() >= 3
+    })
+    .await;
+    let newest = ctl
+        .wire()
+        .query_values("LastSync")
+        .last()
+        .unwrap()
+        .replace("%3A", ":");
+    assert!(newest > first, "{newest} after {first}");
+    assert_eq!(rig.source_health("aktion").await["clockings"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_or_expired_identifiers_are_not_badges() {
+    let mut want = HashSet::new();
+    let (_fake, mut rig) = rig("", |ctl| {
+        let yesterday = (Utc::now() - chrono::Duration::days(1))
+            .with_timezone(&chrono_tz::Etc::GMTMinus1)
+            .naive_local();
+        let mut locked = Identifier::card("A10");
+        locked.lock = true;
+        let mut expired = Identifier::card("A20");
+        expired.valid_to = Some(yesterday);
+        let mut lost = Identifier::card("A40");
+        lost.status = 2;
+        ctl.add_person(Person {
+            person_id: "P3".into(),
+            name: "Name3".into(),
+            surname: "Surname3".into(),
+            department: "Production".into(),
+            identifier_card1: "A30".into(),
+            identifier_card2: None,
+            identifier_entry_code: None,
+            identifiers: vec![locked, expired, lost],
+            lock: false,
+            time_last_change: Utc::now(),
+        });
+        want = add(
+            ctl,
+            vec![
+                event(11, Some("P3"), "A10", 1, 40),
+                event(11, Some("P3"), "A20", 1, 30),
+                event(11, Some("P3"), "A30", 1, 20),
+                event(11, Some("P3"), "A40", 1, 15),
+                event(11, Some("P2"), "90002", 1, 10),
+            ],
+        );
+    })
+    .await;
+    let got = rig.sub.collect_ids(&want, LONG).await;
+    let by_badge = |b: &str| got.iter().find(|v| v["badge"] == b).unwrap().clone();
+    assert_eq!(by_badge("A30")["person"], "P3", "the open card is a badge");
+    for badge in ["A10", "A20", "A40", "90002"] {
+        assert_eq!(
+            by_badge(badge)["person"],
+            Value::Null,
+            "{badge} is no badge"
+        );
+    }
+    eventually("persons loaded", LONG, || async {
+        rig.source_health("aktion").await["people"] == 3
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_event_code_is_not_access_ok() {
+    let mut want = HashSet::new();
+    let (fake, mut rig) = rig(r#"event_codes = { "17" = "AccessRefused" }"#, |ctl| {
+        want = add(
+            ctl,
+            vec![
+                code(event(11, Some("P1"), "90001", 1, 30), 17),
+                code(event(11, Some("P1"), "90001", 1, 20), 0),
+                code(event(11, Some("P1"), "90001", 2, 10), 99),
+            ],
+        );
+    })
+    .await;
+    let _ctl = fake.control();
+    let got = rig.sub.collect_ids(&want, LONG).await;
+    let refused: Vec<_> = got
+        .iter()
+        .filter(|v| v["status"] == "AccessRefused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{got:?}");
+    assert_eq!(refused[0]["person"], "P1", "a known person, refused");
+    let plain = got
+        .iter()
+        .find(|v| v["direction"] == "in" && v["status"] != "AccessRefused");
+    assert_eq!(plain.unwrap()["status"], "AccessOk", "EventCode 0: {got:?}");
+    // EventCode 99 is unmapped: no Aktion verdict, the access engine decided (P1 is known).
+    let unmapped = got.iter().find(|v| v["direction"] == "out").unwrap();
+    assert_eq!(unmapped["person"], "P1");
+    rig.wait_source("aktion", "the unmapped code is counted", |h| {
+        h["position"]
+            .as_str()
+            .is_some_and(|p| p.contains("unmapped EventCodes: 99 (1×)"))
+    })
+    .await;
+    assert!(rig
+        .agent
+        .log()
+        .contains("EventCode not in sources.aktion.event_codes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_controller_1228_shows_in_status() {
+    let mut want = HashSet::new();
+    let extra = "c4_controllers = [\"C4-1\", \"C4-9\"]\npeople_interval_secs = 1";
+    let (fake, mut rig) = rig(extra, |ctl| {
+        want = add(ctl, vec![event(11, Some("P1"), "90001", 1, 20)]);
+    })
+    .await;
+    let ctl = fake.control();
+    rig.wait_source_error(
+        "aktion",
+        "C4 controller 'C4-9' unknown (error 1228: Hw structure physical not found) — check sources.aktion.c4_controllers",
+    )
+    .await;
+    // The other controller is read all the same.
+    rig.sub.collect_ids(&want, LONG).await;
+    // `badgegate status` shows it.
+    let cfg = rig.agent.config_path.to_str().unwrap().to_owned();
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_badgegate"))
+            .args(["status", "--config", &cfg, "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let status = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        status.contains("C4 controller 'C4-9' unknown (error 1228"),
+        "{status}"
+    );
+    // A privilege missing in Aktion: 1101 says what to grant.
+    ctl.deny_persons(true);
+    rig.wait_source_error(
+        "aktion",
+        "lacks the privilege View of agenda Persons (error 1101",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_event_is_skipped_not_stuck() {
+    let mut before = HashSet::new();
+    let (fake, mut rig) = rig("", |ctl| {
+        before = add(ctl, vec![event(11, Some("P1"), "90001", 1, 40)]);
+        ctl.add_malformed_hw_event(event(11, Some("P1"), "90001", 2, 30));
+        before.extend(add(ctl, vec![event(11, Some("P1"), "90001", 1, 20)]));
+    })
+    .await;
+    let ctl = fake.control();
+    rig.sub.collect_ids(&before, LONG).await;
+    rig.wait_source("aktion", "the malformed event is counted", |h| {
+        h["skipped"].as_u64().is_some_and(|n| n >= 1) && h["up"] == true
+    })
+    .await;
+    assert!(rig.agent.log().contains("is not a GUID"));
+    // The feed moves on.
+    let after = add(&ctl, vec![event(11, Some("P1"), "90001", 2, 1)]);
+    rig.sub.collect_ids(&after, LONG).await;
 }

@@ -291,7 +291,7 @@ mod tests {
                 retry_after_secs: 1,
             },
         );
-        if let Err(e) = ac.c4_events("C4", None).await {
+        if let Err(e) = ac.c4_events("C4", chrono::Utc::now()).await {
             both(&mut texts, &e);
         }
         actl.wire()

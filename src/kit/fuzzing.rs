@@ -344,8 +344,11 @@ pub fn aktion_answer(data: &[u8]) {
                     assert!(s.end > s.begin, "{s:?}");
                 }
             }
-            let since = Some(fixed_now());
-            let _ = aktion::parse_events_page(v, since);
+            if let Ok(page) = aktion::parse_events_page(v, chrono_tz::Europe::Prague) {
+                for w in page.events.windows(2) {
+                    assert!(w[0].date_created <= w[1].date_created, "oldest first");
+                }
+            }
         }
     }
 }

@@ -1,16 +1,23 @@
 //! Aktion source: persons (the badge map), their scheduled shifts for the access engine, and the
 //! passages of C4 controllers as clockings with `source: "aktion"`.
 //!
-//! - **C4 events** are read per controller (`sources.aktion.c4_controllers`) from the `LastSync`
-//!   watermark the server returns; the watermark is committed with the clockings, in one
-//!   transaction. A passage's terminal is the configured terminal claiming the controller
-//!   (`terminals[].aktion_c4`), else `aktion-<identification>`. Its direction is Aktion's
-//!   (arrival in, departure out, others unknown, then the terminal's fixed one), its status
-//!   Aktion's verdict: `AccessOk` for an identifier Aktion knows an owner of, `UnknownBadge`
-//!   otherwise. Aktion's `Zone` of the passage is compared with the terminal's zones, and a
-//!   disagreement is logged once (presence follows the terminal's `zone_from`/`zone_to`).
-//! - **Persons** are loaded every `people_interval_secs` (all pages): badges from
-//!   IdentifierCard1/2 and Identifiers, the department as group, the lock.
+//! - **C4 events** are read per controller (`sources.aktion.c4_controllers`). `LastSync` is
+//!   required: the first poll sends `lookback_hours` ago, later ones the newest `DateCreated`
+//!   read (the answer carries no watermark of its own). Parameters are whole seconds, so the
+//!   events of the watermark's second come again: their GUIDs are kept with the watermark and
+//!   dropped. Both are committed with the clockings, in one transaction. A passage's terminal is
+//!   the configured terminal claiming the controller (`terminals[].aktion_c4`), else
+//!   `aktion-<identification>`. Its direction is Aktion's (arrival and end of interruption in,
+//!   departure and start of interruption out, then the terminal's fixed one), its status what
+//!   `sources.aktion.event_codes` maps its `EventCode` to (`AccessOk` without an `OwnerId` is
+//!   `UnknownBadge`); an unmapped code leaves the verdict to the access engine and is counted in
+//!   the position and logged once. The person is the badge's holder in the directory (`OwnerId`
+//!   is an internal GUID, not the PersonId). Aktion's `Zone` of the passage is compared with the
+//!   terminal's zones, and a disagreement is logged once (presence follows the terminal's
+//!   `zone_from`/`zone_to`). A malformed event is skipped, logged and counted; the feed moves on.
+//! - **Persons** are loaded every `people_interval_secs` (all pages), before the events of the
+//!   same poll: badges from the usable Identifiers and IdentifierCard1/2 (see
+//!   [`person_badges`]), the department as group, the lock (`Lock` 1: all identifiers locked).
 //! - **Shifts** are held from yesterday to `shift_days` ahead. A person's window is loaded in
 //!   full once a day; at the other refreshes a query with `TimeLastChange` asks whether any of
 //!   their shifts changed since the last look, and only then is the window loaded again. Night
@@ -20,7 +27,7 @@
 //! - **Tokens** live 20 seconds: the client logs in before a batch and again on 1001; 1008
 //!   (request rate policy) backs off.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +38,7 @@ use tokio::time::Instant;
 
 use super::{direction, skip, store, Poller, Round, SourceError, Terminals};
 use crate::access::directory::{Directory, PeopleOrigin, Person, Shift};
-use crate::clouds::aktion::{AktionClient, AktionHwEvent, AktionPerson};
+use crate::clouds::aktion::{person_badges, AktionClient, AktionHwEvent, AktionPerson};
 use crate::clouds::{CloudError, ErrorKind, HttpOptions};
 use crate::config::{AktionConfig, Config};
 use crate::ingest::Ingest;
@@ -51,6 +58,63 @@ pub fn last_sync_key(c4: &str) -> String {
     format!("aktion.c4.{c4}.last_sync")
 }
 
+/// State key of the GUIDs of the events read in the watermark's second (newline-separated).
+pub fn seen_key(c4: &str) -> String {
+    format!("aktion.c4.{c4}.seen")
+}
+
+/// A controller's position: the newest `DateCreated` read and the events of its second.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Mark {
+    last_sync: Option<DateTime<Utc>>,
+    seen: HashSet<String>,
+}
+
+fn second_of(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+impl Mark {
+    /// The position after reading `events` (whether new or read before).
+    fn advance(&self, events: &[AktionHwEvent]) -> Mark {
+        let newest = events
+            .iter()
+            .map(|e| e.date_created.with_timezone(&Utc))
+            .chain(self.last_sync)
+            .max();
+        let Some(newest) = newest else {
+            return self.clone();
+        };
+        let mut seen: HashSet<String> = events
+            .iter()
+            .filter(|e| second_of(e.date_created.with_timezone(&Utc)) == second_of(newest))
+            .map(|e| e.id.clone())
+            .collect();
+        if self.last_sync.map(second_of) == Some(second_of(newest)) {
+            seen.extend(self.seen.iter().cloned());
+        }
+        Mark {
+            last_sync: Some(newest),
+            seen,
+        }
+    }
+
+    fn state(&self, c4: &str) -> Vec<(String, Vec<u8>)> {
+        let Some(l) = self.last_sync else {
+            return Vec::new();
+        };
+        let mut seen: Vec<&str> = self.seen.iter().map(String::as_str).collect();
+        seen.sort_unstable();
+        vec![
+            (
+                last_sync_key(c4),
+                l.timestamp_millis().to_be_bytes().to_vec(),
+            ),
+            (seen_key(c4), seen.join("\n").into_bytes()),
+        ]
+    }
+}
+
 pub struct AktionSource {
     client: AktionClient,
     c4s: Vec<String>,
@@ -63,8 +127,12 @@ pub struct AktionSource {
     /// and how many shifts it holds.
     looked: HashMap<String, Look>,
     refresh: Option<Refresh>,
-    /// Watermarks read from the store (`None` inside: the controller has none yet).
-    last_sync: HashMap<String, Option<DateTime<Utc>>>,
+    /// Positions read from the store (`last_sync` none: the controller has none yet).
+    marks: HashMap<String, Mark>,
+    lookback: chrono::Duration,
+    event_codes: BTreeMap<i64, AccessStatus>,
+    /// EventCodes not in `event_codes`, with how many passages carried them.
+    unknown_codes: BTreeMap<i64, u64>,
     zone_warned: HashSet<(String, String)>,
     directory: Directory,
     ingest: Ingest,
@@ -110,7 +178,10 @@ impl AktionSource {
             shift_days: cfg.shift_days,
             looked: HashMap::new(),
             refresh: None,
-            last_sync: HashMap::new(),
+            marks: HashMap::new(),
+            lookback: chrono::Duration::hours(i64::from(cfg.lookback_hours)),
+            event_codes: cfg.event_codes.clone(),
+            unknown_codes: BTreeMap::new(),
             zone_warned: HashSet::new(),
             directory,
             ingest,
@@ -125,42 +196,64 @@ impl AktionSource {
         super::run(NAME, self, every, health, shutdown).await;
     }
 
-    fn stored_last_sync(&self, c4: &str) -> Result<Option<DateTime<Utc>>, SourceError> {
-        Ok(self
+    fn stored_mark(&self, c4: &str) -> Result<Mark, SourceError> {
+        let last_sync = self
             .store
             .state(&last_sync_key(c4))?
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .and_then(|b| DateTime::from_timestamp_millis(i64::from_be_bytes(b))))
+            .and_then(|b| DateTime::from_timestamp_millis(i64::from_be_bytes(b)));
+        let seen = self
+            .store
+            .state(&seen_key(c4))?
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .split('\n')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Mark { last_sync, seen })
     }
 
-    /// New events of one controller, stored with its new watermark.
+    /// New events of one controller, stored with its new position.
     async fn events(&mut self, c4: &str) -> Result<usize, SourceError> {
-        let last = match self.last_sync.get(c4) {
-            Some(l) => *l,
-            None => self.stored_last_sync(c4)?,
+        let mark = match self.marks.get(c4) {
+            Some(m) => m.clone(),
+            None => self.stored_mark(c4)?,
         };
-        let answer = self.client.c4_events(c4, last).await?;
-        let batch: Vec<NewClocking> = answer
-            .events
+        // LastSync is required: without a watermark, `lookback_hours` ago.
+        let since = mark.last_sync.unwrap_or_else(|| Utc::now() - self.lookback);
+        let answer = self.client.c4_events(c4, since).await?;
+        // Malformed events were logged by the client; count them here.
+        self.health
+            .skipped
+            .fetch_add(answer.skipped as u64, Ordering::Relaxed);
+        let events = answer.events;
+        let fresh: Vec<&AktionHwEvent> = events
             .iter()
-            .filter_map(|e| self.clocking(c4, e))
+            .filter(|e| !mark.seen.contains(&e.id))
+            .filter(|e| {
+                mark.last_sync
+                    .is_none_or(|l| second_of(e.date_created.with_timezone(&Utc)) >= second_of(l))
+            })
             .collect();
-        // Nothing new and the same watermark: nothing to write.
-        if !answer.events.is_empty() || answer.last_sync != last {
-            let state = answer
-                .last_sync
-                .map(|l| {
-                    (
-                        last_sync_key(c4),
-                        l.timestamp_millis().to_be_bytes().to_vec(),
-                    )
-                })
-                .into_iter()
-                .collect();
-            store(&self.ingest, &self.health, batch, state).await?;
+        let batch: Vec<NewClocking> = fresh.iter().filter_map(|e| self.clocking(c4, e)).collect();
+        let next = if mark.last_sync.is_none() {
+            Mark {
+                last_sync: Some(since),
+                seen: HashSet::new(),
+            }
+            .advance(&events)
+        } else {
+            mark.advance(&events)
+        };
+        // Nothing new and the same position: nothing to write.
+        if !fresh.is_empty() || next != mark {
+            store(&self.ingest, &self.health, batch, next.state(c4)).await?;
         }
-        self.last_sync.insert(c4.to_owned(), answer.last_sync);
-        Ok(answer.events.len())
+        self.marks.insert(c4.to_owned(), next);
+        Ok(fresh.len())
     }
 
     fn clocking(&mut self, c4: &str, e: &AktionHwEvent) -> Option<NewClocking> {
@@ -175,19 +268,40 @@ impl AktionSource {
         };
         let (terminal, fixed) = self.terminals.for_device(c4);
         self.check_zone(c4, e);
+        let status = self.status(c4, e);
         Some(NewClocking {
             terminal,
+            person: self.directory.person_for_badge(&badge).map(|p| p.id),
             badge,
             occurred_at: e.date,
             direction: direction(e.gate_direction(), fixed),
-            status: Some(if e.owner_id.is_some() {
-                AccessStatus::AccessOk
-            } else {
-                AccessStatus::UnknownBadge
-            }),
-            person: e.owner_id.clone(),
+            status,
             source: Source::Aktion,
         })
+    }
+
+    /// Aktion's verdict on a passage: its `EventCode` through `sources.aktion.event_codes`.
+    fn status(&mut self, c4: &str, e: &AktionHwEvent) -> Option<AccessStatus> {
+        match self.event_codes.get(&e.event_code) {
+            Some(AccessStatus::AccessOk) if e.owner_id.is_none() => {
+                Some(AccessStatus::UnknownBadge)
+            }
+            Some(s) => Some(*s),
+            None => {
+                let n = self.unknown_codes.entry(e.event_code).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    tracing::warn!(
+                        source = NAME,
+                        c4,
+                        event = %e.id,
+                        event_code = e.event_code,
+                        "EventCode not in sources.aktion.event_codes: the passage is stored without Aktion's verdict (the access engine decides); map it to a status"
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Presence follows the terminal's zones; say so once when Aktion names another zone.
@@ -215,7 +329,8 @@ impl AktionSource {
     /// their shifts.
     async fn load_persons(&mut self) -> Result<(), SourceError> {
         let persons = self.client.persons().await?;
-        let people: Vec<Person> = persons.iter().map(person).collect();
+        let (now, tz) = (Utc::now(), self.client.timezone());
+        let people: Vec<Person> = persons.iter().map(|p| person(p, now, tz)).collect();
         self.health
             .people
             .store(people.len() as u64, Ordering::Relaxed);
@@ -347,9 +462,15 @@ impl AktionSource {
 
 impl Poller for AktionSource {
     async fn poll(&mut self) -> Result<Round, SourceError> {
+        let mut first_error = None;
+        // Persons first, so that the passages read next find their holders.
+        if self.refresh.is_none() && Instant::now() >= self.people_due {
+            if let Err(e) = self.load_persons().await {
+                first_error.get_or_insert(e);
+            }
+        }
         // Every controller is read even when one fails (a wrong identification must not stop
         // the others); the first failure is reported.
-        let mut first_error = None;
         for c4 in self.c4s.clone() {
             if let Err(e) = self.events(&c4).await {
                 first_error.get_or_insert(e);
@@ -357,22 +478,25 @@ impl Poller for AktionSource {
         }
         // Shifts are looked at a few persons per poll, so that passages are read between
         // slices however many persons there are.
-        if self.refresh.is_none() && Instant::now() >= self.people_due {
-            if let Err(e) = self.load_persons().await {
-                first_error.get_or_insert(e);
-            }
-        }
         if let Err(e) = self.look_at_shifts().await {
             first_error.get_or_insert(e);
         }
-        let marks: Vec<String> = self
+        let mut marks: Vec<String> = self
             .c4s
             .iter()
-            .map(|c| match self.last_sync.get(c).copied().flatten() {
+            .map(|c| match self.marks.get(c).and_then(|m| m.last_sync) {
                 Some(l) => format!("{c} since {}", l.to_rfc3339()),
-                None => format!("{c} from the start"),
+                None => format!("{c} from {} h back", self.lookback.num_hours()),
             })
             .collect();
+        if !self.unknown_codes.is_empty() {
+            let codes: Vec<String> = self
+                .unknown_codes
+                .iter()
+                .map(|(c, n)| format!("{c} ({n}×)"))
+                .collect();
+            marks.push(format!("unmapped EventCodes: {}", codes.join(", ")));
+        }
         self.health.set_position(marks.join(", "));
         match first_error {
             Some(e) => Err(e),
@@ -383,7 +507,7 @@ impl Poller for AktionSource {
 }
 
 /// A person as the access engine knows them.
-fn person(p: &AktionPerson) -> Person {
+fn person(p: &AktionPerson, now: DateTime<Utc>, tz: chrono_tz::Tz) -> Person {
     let name: Vec<&str> = [p.name.as_deref(), p.surname.as_deref()]
         .into_iter()
         .flatten()
@@ -391,9 +515,9 @@ fn person(p: &AktionPerson) -> Person {
     Person {
         id: p.person_id.clone(),
         name: (!name.is_empty()).then(|| name.join(" ")),
-        badges: p.badges().map(str::to_owned).collect(),
+        badges: person_badges(p, now, tz),
         groups: p.department.iter().cloned().collect(),
-        locked: p.lock,
+        locked: p.locked(),
     }
 }
 

@@ -1,35 +1,57 @@
-//! Fake Aktion.NEXT / Aktion CLOUD API (`shared/reference/aktion.md`, seed
-//! `shared/seeds/aktion-get-scheduled-shift.txt`): an ASP.NET Web API under `/api/`.
+//! Fake Aktion.NEXT / Aktion CLOUD API: an ASP.NET Web API under `/api/`, built from the
+//! vendor's published help pages (not from the client's structs). Per endpoint, the page it
+//! follows (cloud copy; the same pages are mirrored under
+//! `http://dochazka.efg.cz/AktionNEXT/API/Help/...`):
 //!
-//! Reproduced quirks: JSON only (other `Accept`/`Content-Type` → 415); dates as
-//! `"\/Date(<ms since epoch UTC>)\/"` with the slash really escaped in the body text; the token in
-//! the `Token=` QUERY parameter, living 20 s; error bodies `{"Message","Code","ModelStateErr"}`
-//! with Aktion's error numbers; query parameter names matched case-insensitively (ASP.NET model
-//! binding); night shifts crossing midnight.
+//! - `POST login` — `https://cloud.aktion.cz/api/Help/Api/POST-login`: body `LoginReq`
+//!   (`UserLogin`, `ApiKey`, both Required) → `LoginResp` (`Token` GUID string, `ExpireInSec` 20,
+//!   `ExpireDate`); 1002 (400) missing parameter, 1003 (401) unknown UserLogin/ApiKey, 1004 (401)
+//!   invalid ApiKey.
+//! - `GET person/getAll?PageNumber&PageSize&Token` —
+//!   `https://cloud.aktion.cz/api/Help/Api/GET-person-getAll_PageNumber_PageSize_Token`:
+//!   `PersonGetAllResp` (`Persons`: collection of `PersonGetResp`, `Paging`); 1101 (403) without
+//!   the privilege View of agenda Persons. Person fields from
+//!   `https://cloud.aktion.cz/api/Help/ResourceModel?modelName=PersonGetResp` (every one, `Sex`
+//!   and `Lock` integers, `Lock` 1 only when ALL identifiers are locked), identifiers from
+//!   `https://cloud.aktion.cz/api/Help/ResourceModel?modelName=Identifier` (`InternalNrLong` hex,
+//!   `Type`, `Status`, `Holder`, `HolderDefault`, `TimeLastChange`, `RegistrationNr`,
+//!   `Technology`, `Lock`, `Security`, `ValidFrom`/`ValidTo` typed string
+//!   `yyyy-mm-ddThh:mi:ss`, `UdsCollection`).
+//! - `GET person/get?PersonId&Token` —
+//!   `https://cloud.aktion.cz/api/Help/Api/GET-person-get_PersonId_Token`: one `PersonGetResp`;
+//!   1100 (404) unknown PersonId.
+//! - `GET attendance/getScheduledShift?PageNumber&PageSize&PersonId&TimeFrom&TimeTo&Token&TimeLastChange`
+//!   — the seed page (`shared/seeds/aktion-get-scheduled-shift.txt`, cloud
+//!   `.../Help/Api/GET-attendance-getScheduledShift_...`): `PersonId` and `Token` Required;
+//!   1100 / 1132 (404).
+//! - `GET HwStructure/getC4HwEvents?C4Identification&LastSync&Token` —
+//!   `https://cloud.aktion.cz/api/Help/Api/GET-HwStructure-getC4HwEvents_C4Identification_LastSync_Token`:
+//!   all three Required (a missing one → 1002, 400); unknown controller → 1228 (404, "Hw
+//!   structure physical not found"); no privilege → 1227 (403). Answer `HwStructGetC4HwEventsResp`
+//!   = `{"C4HwEvents":[..]}` with the fields of
+//!   `http://dochazka.efg.cz/AktionNEXT/API/Help/ResourceModel?modelName=C4HwEvents`: `ID`,
+//!   `HwStructureId`, `OwnerId` GUIDs; `DateCreated`, `Date` dates; `EventCode`, `Direction`
+//!   integers; `Identifier`, `Zone`, `Descriptions` strings.
+//! - `GET attendance/getPassByPerson` / `getPassBySensor` — passes (model
+//!   `https://cloud.aktion.cz/api/Help/ResourceModel?modelName=PersonPass`: `Date`, `SensorName`,
+//!   `Direction`, `EventCode`, `IdentifierInternalNrLong`), derived from the C4 events.
+//! - Every authorised call: `Token` Required (missing → 1002), unknown → 1000 (401), expired →
+//!   1001 (401); 1008 (401) when rate-limited (a fault). Only application/json is served (415
+//!   otherwise; XML is documented but not served here).
 //!
-//! Assumptions where the sources are silent (a client must not rely on more):
-//! - The server's local time (used by `TimeFrom`/`TimeTo`/`TimeLastChange`/`LastSync` given as
-//!   `yyyy-mm-ddThh:mi:ss`) is a fixed UTC offset, default +01:00 (no DST), see
-//!   [`AktionControl::set_server_offset`].
-//! - `getScheduledShift` returns shifts OVERLAPPING `[TimeFrom, TimeTo]` (both inclusive), so a
-//!   night shift shows up on both days; an empty result is `404` with code 1132, not an empty
-//!   list. Defaults: `PageNumber=1`, `PageSize=25`; `PageSize` is capped silently (default 100)
-//!   and `Paging.PageSize` shows the effective size.
-//! - `getC4HwEvents` answers `{"Events":[..],"LastSync":"\/Date(ms)\/"}`: events whose
-//!   `DateCreated` is strictly after `LastSync`, oldest first; the answer's `LastSync` is the
-//!   newest `DateCreated` returned (or the request's `LastSync` when nothing is new, or null).
-//!   `LastSync` may be sent as local `yyyy-mm-ddThh:mi:ss` or as `/Date(ms)/` (lossless).
-//!   Event field types: `ID`, `HwStructureId`, `EventCode`, `Direction` numbers; `OwnerId`
-//!   (PersonId or null), `Identifier`, `Zone` strings; `Descriptions` a list of strings. An
-//!   unknown `C4Identification` is 404 with code 1120.
-//! - `person/get` answers the bare person object; `Identifiers` is a list of strings.
-//! - Login: 1003 (unknown UserLogin or wrong ApiKey) and 1004 (ApiKey not a base64 16-byte key)
-//!   answer 401; 1002 answers 400.
-//! - The 415 body is ASP.NET's own `{"Message":".."}` (no Aktion code: the seed lists none).
-//! - `getPassByPerson`/`getPassBySensor` answer `{"Passes":[{Date,SensorName,Direction,EventCode,
-//!   IdentifierInternalNrLong}],"Paging":{..}}`, derived from the C4 events (sensor = the C4's
-//!   name); `IdentifierInternalNrLong` is the identifier as upper-case hex.
-//! - XML (`application/xml`) is documented but not served by this fake: it answers 415.
+//! Where the pages are silent (a client must not rely on more):
+//! - Date PARAMETERS are accepted only in the documented `yyyy-MM-ddTHH:mm:ss` (anything else →
+//!   1002), read in the server's zone, a fixed offset (default +01:00, see
+//!   [`AktionControl::set_server_offset`]). JSON dates are `"\/Date(ms)\/"` (optionally with
+//!   an offset suffix, [`OffsetSuffix`]); `ValidFrom`/`ValidTo` are local text.
+//! - `getC4HwEvents` lists the events whose `DateCreated` is after `LastSync`, oldest first.
+//!   `LastSync` has whole seconds, so events of that second with milliseconds come again.
+//! - The error body is `{"Message","Code","ModelStateErr"}` (the `RequestResult` model of
+//!   `POST login`'s page).
+//! - `getScheduledShift` returns shifts overlapping `[TimeFrom, TimeTo]`; `PageSize` is capped
+//!   silently (default 100).
+//! - Event codes are tenant-defined ("Event codes can be set by user"): the fake stores what a
+//!   test gives it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, Offset, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -61,7 +83,8 @@ pub mod endpoint {
     pub const OTHER: &str = "other";
 }
 
-/// A person record.
+/// A person record. Its cards (`identifier_card1`/`2`) are listed among its `Identifiers` too
+/// (as assigned, open MIFARE cards), unless `identifiers` already has one of that number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Person {
     pub person_id: String,
@@ -71,9 +94,44 @@ pub struct Person {
     pub identifier_card1: String,
     pub identifier_card2: Option<String>,
     pub identifier_entry_code: Option<String>,
-    pub identifiers: Vec<String>,
+    pub identifiers: Vec<Identifier>,
+    /// Locks every identifier of the person (then `Lock` is 1).
     pub lock: bool,
     pub time_last_change: DateTime<Utc>,
+}
+
+/// An identifier of a person (model `Identifier`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identifier {
+    /// Hexadecimal.
+    pub internal_nr_long: String,
+    pub registration_nr: String,
+    /// 0 UNIQUE, 1 HS, 2 MIFARE, 3 ABA Track, 4 HID, 5 Desfire.
+    pub technology: u8,
+    /// 0 card, 1 tag, 2 bracelet, 3 visiting card, 4 password, 5 article, 6 spare, 7 eCard.
+    pub kind: u8,
+    /// 0 free, 1 assigned, 2 lost, 4 configuration.
+    pub status: u8,
+    pub lock: bool,
+    /// Local time of the server, as the model's `yyyy-mm-ddThh:mi:ss` text.
+    pub valid_from: Option<NaiveDateTime>,
+    pub valid_to: Option<NaiveDateTime>,
+}
+
+impl Identifier {
+    /// An assigned, open, unlimited MIFARE card numbered `nr` (hex).
+    pub fn card(nr: &str) -> Identifier {
+        Identifier {
+            internal_nr_long: nr.to_string(),
+            registration_nr: nr.to_string(),
+            technology: 2,
+            kind: 0,
+            status: 1,
+            lock: false,
+            valid_from: None,
+            valid_to: None,
+        }
+    }
 }
 
 /// A scheduled shift of a person. Night shifts simply end on the next day.
@@ -134,6 +192,9 @@ struct State {
     server_offset: FixedOffset,
     offset_suffix: OffsetSuffix,
     max_page_size: u32,
+    deny_persons: bool,
+    /// Events whose `ID` is sent as a number (not the documented GUID).
+    malformed: Vec<i64>,
 }
 
 /// Cloneable handle to seed data, inspect requests and inject faults.
@@ -166,6 +227,8 @@ impl AktionControl {
                 server_offset: FixedOffset::east_opt(3600).unwrap_or(Utc.fix()),
                 offset_suffix: OffsetSuffix::Never,
                 max_page_size: 100,
+                deny_persons: false,
+                malformed: Vec::new(),
             })),
             wire: Wire::default(),
         }
@@ -210,6 +273,11 @@ impl AktionControl {
         lock(&self.state).max_page_size = max.max(1);
     }
 
+    /// Without the privilege View of agenda Persons: `person/getAll` answers 403 / 1101.
+    pub fn deny_persons(&self, deny: bool) {
+        lock(&self.state).deny_persons = deny;
+    }
+
     pub fn add_person(&self, person: Person) {
         lock(&self.state).persons.push(person);
     }
@@ -228,13 +296,23 @@ impl AktionControl {
         });
     }
 
-    /// Stores a hardware event; returns its `ID`.
-    pub fn add_hw_event(&self, event: HwEvent) -> i64 {
+    /// Stores a hardware event that the server lists with a malformed `ID` (a number, not a
+    /// GUID): a client must skip it and read the others.
+    pub fn add_malformed_hw_event(&self, event: HwEvent) {
         let mut st = lock(&self.state);
         let id = st.next_event_id;
         st.next_event_id += 1;
         st.events.push((id, event));
-        id
+        st.malformed.push(id);
+    }
+
+    /// Stores a hardware event; returns its `ID` (a GUID, see [`event_guid`]).
+    pub fn add_hw_event(&self, event: HwEvent) -> String {
+        let mut st = lock(&self.state);
+        let id = st.next_event_id;
+        st.next_event_id += 1;
+        st.events.push((id, event));
+        event_guid(id)
     }
 
     /// Loads the seed page's example: person `100200300` with a morning, an afternoon and a
@@ -329,6 +407,30 @@ impl FakeAktion {
 }
 
 // ---------------------------------------------------------------------------------------------
+// GUIDs of the fake's records (deterministic, so tests can name them).
+
+/// The `ID` of the `n`th event.
+pub fn event_guid(n: i64) -> String {
+    format!("c4e0e0e0-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
+/// The `HwStructureId` of the node the control registers as number `hw`.
+pub fn hw_guid(hw: i64) -> String {
+    format!("4a000000-0000-4000-8000-{:012x}", hw & 0xffff_ffff_ffff)
+}
+
+/// The `OwnerId` of a person (an internal GUID, not the `PersonId`).
+pub fn owner_guid(person_id: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    person_id.hash(&mut h);
+    format!(
+        "0e0e0000-0000-4000-8000-{:012x}",
+        h.finish() & 0xffff_ffff_ffff
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 // `\/Date(ms)\/` helpers (pure).
 
 /// ASP.NET's JSON date text (before slash escaping): `/Date(1560578400000)/`, or with an offset
@@ -348,19 +450,6 @@ pub(crate) fn ms_date(at: DateTime<Utc>, suffix: Option<FixedOffset>) -> String 
             )
         }
     }
-}
-
-/// Parses `/Date(ms)/` or `/Date(ms+hhmm)/` (also with escaped slashes); the suffix is ignored.
-pub(crate) fn parse_ms_date(s: &str) -> Option<DateTime<Utc>> {
-    let s = s.replace("\\/", "/");
-    let inner = s.strip_prefix("/Date(")?.strip_suffix(")/")?;
-    let digits_end = inner
-        .char_indices()
-        .skip(1)
-        .find(|(_, c)| *c == '+' || *c == '-')
-        .map_or(inner.len(), |(i, _)| i);
-    let ms: i64 = inner[..digits_end].parse().ok()?;
-    DateTime::from_timestamp_millis(ms)
 }
 
 /// Escapes the slashes of `"/Date(..)/"` strings the way ASP.NET writes them: `"\/Date(..)\/"`.
@@ -426,32 +515,103 @@ struct ScheduledShiftResp<'a> {
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
+struct IdentifierJson<'a> {
+    internal_nr_long: String,
+    #[serde(rename = "Type")]
+    kind: u8,
+    status: u8,
+    holder: &'a str,
+    holder_default: u8,
+    time_last_change: String,
+    registration_nr: String,
+    technology: u8,
+    lock: u8,
+    security: u8,
+    valid_from: Option<String>,
+    valid_to: Option<String>,
+    uds_collection: [(); 0],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
 struct PersonJson<'a> {
     person_id: &'a str,
     name: &'a str,
     surname: &'a str,
+    organization_structure: &'a str,
     department: &'a str,
+    employee_position: &'a str,
+    email: String,
+    mobil_phone_number: &'a str,
+    phone_number: &'a str,
+    login_name: String,
+    degree_in_front_name: &'a str,
+    degree_after_name: &'a str,
+    sex: u8,
+    identifier_entry_code: Option<&'a str>,
     identifier_card1: &'a str,
     identifier_card2: Option<&'a str>,
-    identifier_entry_code: Option<&'a str>,
-    identifiers: &'a [String],
-    lock: bool,
+    desc: &'a str,
+    lock: u8,
+    identifiers: Vec<IdentifierJson<'a>>,
     time_last_change: String,
+    uds_collection: [(); 0],
+}
+
+fn local_text(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S").to_string()
 }
 
 impl<'a> From<&'a Person> for PersonJson<'a> {
     fn from(p: &'a Person) -> Self {
+        let mut all: Vec<Identifier> = p.identifiers.clone();
+        for card in std::iter::once(&p.identifier_card1).chain(&p.identifier_card2) {
+            if !card.is_empty() && !all.iter().any(|i| &i.internal_nr_long == card) {
+                all.push(Identifier::card(card));
+            }
+        }
+        let identifiers: Vec<IdentifierJson<'a>> = all
+            .into_iter()
+            .enumerate()
+            .map(|(n, i)| IdentifierJson {
+                internal_nr_long: i.internal_nr_long,
+                kind: i.kind,
+                status: i.status,
+                holder: &p.person_id,
+                holder_default: u8::from(n == 0),
+                time_last_change: ms_date(p.time_last_change, None),
+                registration_nr: i.registration_nr,
+                technology: i.technology,
+                lock: u8::from(i.lock || p.lock),
+                security: 0,
+                valid_from: i.valid_from.map(local_text),
+                valid_to: i.valid_to.map(local_text),
+                uds_collection: [],
+            })
+            .collect();
+        let all_locked = !identifiers.is_empty() && identifiers.iter().all(|i| i.lock == 1);
         PersonJson {
             person_id: &p.person_id,
             name: &p.name,
             surname: &p.surname,
+            organization_structure: "Company/Plant",
             department: &p.department,
+            employee_position: "",
+            email: format!("{}@example.invalid", p.person_id.to_ascii_lowercase()),
+            mobil_phone_number: "",
+            phone_number: "",
+            login_name: format!("{}.{}", p.name, p.surname),
+            degree_in_front_name: "",
+            degree_after_name: "",
+            sex: 0,
+            identifier_entry_code: p.identifier_entry_code.as_deref(),
             identifier_card1: &p.identifier_card1,
             identifier_card2: p.identifier_card2.as_deref(),
-            identifier_entry_code: p.identifier_entry_code.as_deref(),
-            identifiers: &p.identifiers,
-            lock: p.lock,
+            desc: "",
+            lock: u8::from(all_locked || p.lock),
+            identifiers,
             time_last_change: ms_date(p.time_last_change, None),
+            uds_collection: [],
         }
     }
 }
@@ -467,23 +627,22 @@ struct PersonsResp<'a> {
 #[serde(rename_all = "PascalCase")]
 struct EventJson<'a> {
     #[serde(rename = "ID")]
-    id: i64,
-    hw_structure_id: i64,
+    id: serde_json::Value,
+    hw_structure_id: String,
     date_created: String,
     date: String,
     event_code: i32,
     direction: u8,
-    owner_id: Option<&'a str>,
+    owner_id: Option<String>,
     identifier: &'a str,
     zone: &'a str,
-    descriptions: &'a [String],
+    descriptions: String,
 }
 
 #[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
 struct EventsResp<'a> {
-    events: Vec<EventJson<'a>>,
-    last_sync: Option<String>,
+    #[serde(rename = "C4HwEvents")]
+    c4_hw_events: Vec<EventJson<'a>>,
 }
 
 #[derive(Serialize)]
@@ -648,8 +807,8 @@ impl Params {
         }
     }
 
-    /// A date parameter: local `yyyy-mm-ddThh:mi:ss` (fraction allowed), a date, an RFC 3339
-    /// instant, or `/Date(ms)/`.
+    /// A date parameter in the documented `yyyy-MM-ddTHH:mm:ss`, the server's local time;
+    /// anything else is 1002.
     fn time(
         &self,
         name: &str,
@@ -658,31 +817,16 @@ impl Params {
         let Some(v) = self.get(name) else {
             return Ok(None);
         };
-        parse_time(v, offset)
-            .map(Some)
-            .ok_or_else(|| Box::new(bad_param(format!("{name}: The value '{v}' is not valid."))))
+        parse_time(v, offset).map(Some).ok_or_else(|| {
+            Box::new(bad_param(format!(
+                "{name}: The value '{v}' is not valid (expected yyyy-MM-ddTHH:mm:ss)."
+            )))
+        })
     }
 }
 
 fn parse_time(v: &str, offset: FixedOffset) -> Option<DateTime<Utc>> {
-    if let Some(d) = parse_ms_date(v) {
-        return Some(d);
-    }
-    if let Ok(d) = DateTime::parse_from_rfc3339(v) {
-        return Some(d.with_timezone(&Utc));
-    }
-    let naive = [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M",
-    ]
-    .iter()
-    .find_map(|f| NaiveDateTime::parse_from_str(v, f).ok())
-    .or_else(|| {
-        NaiveDate::parse_from_str(v, "%Y-%m-%d")
-            .ok()
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-    })?;
+    let naive = NaiveDateTime::parse_from_str(v, "%Y-%m-%dT%H:%M:%S").ok()?;
     offset
         .from_local_datetime(&naive)
         .single()
@@ -933,6 +1077,15 @@ fn scheduled_shift(st: &State, params: &Params) -> Result<Response, Box<Response
 }
 
 fn person_get_all(st: &State, params: &Params) -> Result<Response, Box<Response>> {
+    if st.deny_persons {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            1101,
+            "Application privilege View for licensed agenda Persons violated for person [all]"
+                .into(),
+            vec![],
+        )));
+    }
     let page = params.number("PageNumber", 1)?;
     let size = params.number("PageSize", 25)?;
     let (range, paging) = paginate(st.persons.len(), page, size, st.max_page_size);
@@ -961,44 +1114,51 @@ fn sensor_not_found(name: &str) -> Box<Response> {
 
 fn hw_events(st: &State, params: &Params) -> Result<Response, Box<Response>> {
     let ident = params.required("C4Identification")?;
-    let last_sync = params.time("LastSync", st.server_offset)?;
+    let last_sync = params.time("LastSync", st.server_offset)?.ok_or_else(|| {
+        Box::new(bad_param(
+            "LastSync: The LastSync field is required.".into(),
+        ))
+    })?;
     let Some(c4) = st.c4s.iter().find(|c| c.identification == ident) else {
-        return Err(sensor_not_found(ident));
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            1228,
+            "Hw structure physical not found".into(),
+            vec![],
+        )));
     };
     let mut events: Vec<&(i64, HwEvent)> = st
         .events
         .iter()
         .filter(|(_, e)| e.hw_structure_id == c4.hw_structure_id)
-        .filter(|(_, e)| last_sync.is_none_or(|l| e.date_created > l))
+        .filter(|(_, e)| e.date_created > last_sync)
         .collect();
     events.sort_by_key(|(id, e)| (e.date_created, *id));
-    let newest = events
-        .iter()
-        .map(|(_, e)| e.date_created)
-        .max()
-        .or(last_sync);
     let suffix_for = |id: i64| match st.offset_suffix {
         OffsetSuffix::Never => None,
         OffsetSuffix::Always => Some(st.server_offset),
         OffsetSuffix::Alternate => (id % 2 == 1).then_some(st.server_offset),
     };
     Ok(ok(&EventsResp {
-        events: events
+        c4_hw_events: events
             .iter()
             .map(|(id, e)| EventJson {
-                id: *id,
-                hw_structure_id: e.hw_structure_id,
+                id: if st.malformed.contains(id) {
+                    serde_json::Value::from(*id)
+                } else {
+                    serde_json::Value::from(event_guid(*id))
+                },
+                hw_structure_id: hw_guid(e.hw_structure_id),
                 date_created: ms_date(e.date_created, suffix_for(*id)),
                 date: ms_date(e.date, suffix_for(*id)),
                 event_code: e.event_code,
                 direction: e.direction,
-                owner_id: e.owner_id.as_deref(),
+                owner_id: e.owner_id.as_deref().map(owner_guid),
                 identifier: &e.identifier,
                 zone: &e.zone,
-                descriptions: &e.descriptions,
+                descriptions: e.descriptions.join(", "),
             })
             .collect(),
-        last_sync: newest.map(|d| ms_date(d, None)),
     }))
 }
 
@@ -1064,543 +1224,186 @@ fn passes(st: &State, params: &Params, by_person: bool) -> Result<Response, Box<
 mod tests {
     use super::*;
     use crate::kit::fakes::testutil::{client, with_query};
-    use serde_json::{json, Value};
-
-    /// The seed page's application/json sample, byte for byte.
-    const SEED_JSON: &str = r#"{"PersonId":"100200300","Shifts":[{"Name":"morning shift","Begin":"\/Date(1560578400000)\/","End":"\/Date(1560600000000)\/","Description":"","TimeLastChange":"\/Date(1732183509678)\/"},{"Name":"afternoon shift","Begin":"\/Date(1560600000000)\/","End":"\/Date(1560628800000)\/","Description":"","TimeLastChange":"\/Date(1732169349678)\/"},{"Name":"night shift","Begin":"\/Date(1560628800000)\/","End":"\/Date(1560657600000)\/","Description":"irregular","TimeLastChange":"\/Date(1732181349678)\/"}],"Paging":{"CurrentPage":1,"PageSize":25,"TotalCount":3,"TotalPages":1}}"#;
-
-    fn ms(v: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(v).expect("ms")
-    }
-
-    fn person(id: &str, card: &str) -> Person {
-        Person {
-            person_id: id.into(),
-            name: "Jan".into(),
-            surname: "Novak".into(),
-            department: "Production".into(),
-            identifier_card1: card.into(),
-            identifier_card2: None,
-            identifier_entry_code: Some("1234".into()),
-            identifiers: vec![],
-            lock: false,
-            time_last_change: ms(1_732_183_509_678),
-        }
-    }
+    use serde_json::Value;
 
     struct Env {
         fake: FakeAktion,
         ctl: AktionControl,
-        http: reqwest::Client,
     }
 
     async fn env() -> Env {
         let fake = FakeAktion::start("127.0.0.1:0".parse().expect("addr"))
             .await
-            .expect("start fake");
+            .expect("fake");
         let ctl = fake.control();
-        ctl.set_server_offset(FixedOffset::east_opt(2 * 3600).expect("offset"));
-        ctl.seed_example();
-        ctl.add_person(person("42", "777"));
-        Env {
-            fake,
-            ctl,
-            http: client(),
-        }
+        ctl.set_server_offset(FixedOffset::east_opt(0).expect("utc"));
+        ctl.add_c4("C4-1", 11, "Gate A");
+        Env { fake, ctl }
     }
 
     impl Env {
         async fn token(&self) -> String {
-            let v: Value = self
-                .http
+            let body = client()
                 .post(format!("{}login", self.fake.base_url()))
-                .json(&json!({"UserLogin": DEFAULT_USER_LOGIN, "ApiKey": DEFAULT_API_KEY}))
+                .json(&serde_json::json!({"UserLogin": DEFAULT_USER_LOGIN, "ApiKey": DEFAULT_API_KEY}))
                 .send()
                 .await
                 .expect("login")
-                .json()
+                .text()
                 .await
-                .expect("json");
-            v["Token"].as_str().expect("Token").to_string()
+                .expect("body");
+            let v: Value = serde_json::from_str(&body).expect("json");
+            v["Token"].as_str().expect("token").to_string()
         }
 
-        async fn get(&self, path: &str, query: &[(&str, &str)]) -> (u16, String) {
-            let resp = self
-                .http
-                .get(with_query(
-                    &format!("{}{path}", self.fake.base_url()),
-                    query,
-                ))
-                .header("accept", "application/json")
-                .send()
-                .await
-                .expect("send");
-            (resp.status().as_u16(), resp.text().await.expect("text"))
+        async fn get(&self, path: &str, query: &[(&str, &str)]) -> (u16, Value) {
+            let url = with_query(&format!("{}{path}", self.fake.base_url()), query);
+            let r = client().get(url).send().await.expect("get");
+            let status = r.status().as_u16();
+            let text = r.text().await.expect("body");
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
         }
-    }
-
-    fn parse(text: &str) -> Value {
-        serde_json::from_str(text).expect("valid json")
-    }
-
-    #[test]
-    fn ms_dates_format_and_parse() {
-        let at = ms(1_560_578_400_000);
-        assert_eq!(ms_date(at, None), "/Date(1560578400000)/");
-        let plus1 = FixedOffset::east_opt(3600).expect("offset");
-        let minus530 = FixedOffset::west_opt(5 * 3600 + 1800).expect("offset");
-        assert_eq!(ms_date(at, Some(plus1)), "/Date(1560578400000+0100)/");
-        assert_eq!(ms_date(at, Some(minus530)), "/Date(1560578400000-0530)/");
-        assert_eq!(parse_ms_date("\\/Date(1560578400000+0200)\\/"), Some(at));
-        assert_eq!(parse_ms_date("/Date(-1000)/"), Some(ms(-1000)));
-        assert_eq!(parse_ms_date("/Date(x)/"), None);
-        assert_eq!(
-            escape_dates(r#"{"a":"/Date(1)/","b":"x/y"}"#),
-            r#"{"a":"\/Date(1)\/","b":"x/y"}"#
-        );
     }
 
     #[tokio::test]
-    async fn login_returns_a_guid_and_an_escaped_ms_date() {
-        let env = env().await;
-        let resp = env
-            .http
-            .post(format!("{}login", env.fake.base_url()))
-            .json(&json!({"UserLogin": DEFAULT_USER_LOGIN, "ApiKey": DEFAULT_API_KEY}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 200);
-        let raw = resp.text().await.expect("text");
-        assert!(raw.contains(r#""ExpireDate":"\/Date("#), "{raw}");
-        let v = parse(&raw);
-        assert_eq!(v["ExpireInSec"], 20);
-        assert!(is_guid(v["Token"].as_str().expect("token")).is_some());
-        let exp = parse_ms_date(v["ExpireDate"].as_str().expect("date")).expect("parse");
-        assert!((exp - Utc::now()).num_seconds() <= 20);
-
-        let login = |body: Value| {
-            env.http
-                .post(format!("{}login", env.fake.base_url()))
-                .json(&body)
-                .send()
+    async fn c4_events_follow_the_published_page() {
+        let e = env().await;
+        let t = e.token().await;
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("t")
+                .with_timezone(&Utc)
         };
-        let resp = login(json!({"UserLogin": DEFAULT_USER_LOGIN}))
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 400);
-        assert_eq!(
-            resp.json::<Value>().await.expect("json"),
-            json!({"Message": "Entry parameter missing or parameter bindigs failed", "Code": 1002,
-                   "ModelStateErr": ["UserLogin, ApiKey: both are required."]})
-        );
-        let resp = login(json!({"UserLogin": "Jane", "ApiKey": DEFAULT_API_KEY}))
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 401);
-        assert_eq!(
-            resp.json::<Value>().await.expect("json"),
-            json!({"Message": "Unknown UserLogin or ApiKey", "Code": 1003, "ModelStateErr": []})
-        );
-        let resp = login(json!({"UserLogin": DEFAULT_USER_LOGIN, "ApiKey": "short"}))
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 401);
-        assert_eq!(resp.json::<Value>().await.expect("json")["Code"], 1004);
-        assert_eq!(env.ctl.wire().count(endpoint::LOGIN), 4);
-        env.fake.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn anything_but_json_is_415() {
-        let env = env().await;
-        let resp = env
-            .http
-            .post(format!("{}login", env.fake.base_url()))
-            .header("content-type", "text/plain")
-            .body(r#"{"UserLogin":"John.Doo","ApiKey":"hDn/LFXIPESM036W+s7VKg=="}"#)
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 415);
-        assert_eq!(
-            resp.json::<Value>().await.expect("json"),
-            json!({"Message": "The request entity has a media type which the server or resource does not support. Only application/json and application/xml are supported"})
-        );
-        let token = env.token().await;
-        let resp = env
-            .http
-            .get(with_query(
-                &format!("{}person/getAll", env.fake.base_url()),
-                &[("Token", token.as_str())],
-            ))
-            .header("accept", "text/html")
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 415);
-        // Without Accept, or with a list that includes JSON, it works.
-        let resp = env
-            .http
-            .get(with_query(
-                &format!("{}person/getAll", env.fake.base_url()),
-                &[("Token", token.as_str())],
-            ))
-            .header("accept", "text/html, application/json;q=0.9")
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 200);
-        env.fake.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn token_errors() {
-        let env = env().await;
-        let (status, body) = env.get("person/getAll", &[]).await;
-        assert_eq!(status, 400);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": "Entry parameter missing or parameter bindigs failed", "Code": 1002,
-                   "ModelStateErr": ["Token: The Token field is required."]})
-        );
-        let unknown = "0f8fad5b-d9cb-469f-a165-70867728950e";
-        let (status, body) = env.get("person/getAll", &[("Token", unknown)]).await;
-        assert_eq!(status, 401);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": format!("Token {unknown} not found"), "Code": 1000, "ModelStateErr": []})
-        );
-        let token = env.token().await;
-        // Parameter names bind case-insensitively, like ASP.NET.
-        assert_eq!(env.get("person/getall", &[("token", &token)]).await.0, 200);
-        env.ctl.expire_tokens();
-        let (status, body) = env.get("person/getAll", &[("Token", &token)]).await;
-        assert_eq!(status, 401);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": format!("Token {token} already expired"), "Code": 1001, "ModelStateErr": []})
-        );
-        env.fake.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn scheduled_shift_matches_the_seed_byte_for_byte() {
-        let env = env().await;
-        let token = env.token().await;
-        let (status, body) = env
+        let id = e.ctl.add_hw_event(HwEvent {
+            hw_structure_id: 11,
+            date_created: at("2026-03-02T08:00:00.250Z"),
+            date: at("2026-03-02T07:59:59Z"),
+            event_code: 5,
+            direction: 2,
+            owner_id: Some("P1".into()),
+            identifier: "90001".into(),
+            zone: "Production".into(),
+            descriptions: vec!["Passage".into()],
+        });
+        // LastSync is Required.
+        let (status, body) = e
             .get(
-                "attendance/getScheduledShift",
+                "HwStructure/getC4HwEvents",
+                &[("C4Identification", "C4-1"), ("Token", &t)],
+            )
+            .await;
+        assert_eq!((status, body["Code"].as_u64()), (400, Some(1002)));
+        // Only the documented format.
+        let (status, body) = e
+            .get(
+                "HwStructure/getC4HwEvents",
                 &[
-                    ("PageNumber", "1"),
-                    ("PageSize", "25"),
-                    ("PersonId", "100200300"),
-                    ("TimeFrom", "2019-06-15T00:00:00"),
-                    ("TimeTo", "2019-06-15T23:59:59"),
-                    ("Token", &token),
+                    ("C4Identification", "C4-1"),
+                    ("LastSync", "2026-03-02T07:00:00Z"),
+                    ("Token", &t),
+                ],
+            )
+            .await;
+        assert_eq!((status, body["Code"].as_u64()), (400, Some(1002)));
+        // Unknown controller: 404 / 1228.
+        let (status, body) = e
+            .get(
+                "HwStructure/getC4HwEvents",
+                &[
+                    ("C4Identification", "nope"),
+                    ("LastSync", "2026-03-02T07:00:00"),
+                    ("Token", &t),
+                ],
+            )
+            .await;
+        assert_eq!((status, body["Code"].as_u64()), (404, Some(1228)));
+        let (status, body) = e
+            .get(
+                "HwStructure/getC4HwEvents",
+                &[
+                    ("C4Identification", "C4-1"),
+                    ("LastSync", "2026-03-02T08:00:00"),
+                    ("Token", &t),
                 ],
             )
             .await;
         assert_eq!(status, 200);
-        assert_eq!(body, SEED_JSON);
-
-        // The night shift crosses midnight: it also belongs to the next day.
-        let (_, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[
-                    ("PersonId", "100200300"),
-                    ("TimeFrom", "2019-06-16T00:00:00"),
-                    ("TimeTo", "2019-06-16T23:59:59"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        let v = parse(&body);
-        assert_eq!(v["Shifts"].as_array().map(Vec::len), Some(1));
-        assert_eq!(v["Shifts"][0]["Name"], "night shift");
-
-        // Paging.
-        let (_, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[
-                    ("PersonId", "100200300"),
-                    ("PageSize", "2"),
-                    ("PageNumber", "2"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        let v = parse(&body);
+        let ev = &body["C4HwEvents"][0];
+        assert_eq!(ev["ID"], Value::String(id));
+        assert_eq!(ev["HwStructureId"], Value::String(hw_guid(11)));
+        assert_eq!(ev["OwnerId"], Value::String(owner_guid("P1")));
         assert_eq!(
-            v["Paging"],
-            json!({"CurrentPage": 2, "PageSize": 2, "TotalCount": 3, "TotalPages": 2})
+            (ev["EventCode"].as_i64(), ev["Direction"].as_i64()),
+            (Some(5), Some(2))
         );
-        assert_eq!(v["Shifts"][0]["Name"], "night shift");
-
-        // TimeLastChange: shifts changed at or after it (local server time; +02:00 here).
-        // 1732181349678 = 2024-11-21T09:29:09.678Z = 11:29:09.678 local.
-        let (_, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[
-                    ("PersonId", "100200300"),
-                    ("TimeLastChange", "2024-11-21T11:29:09.678"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        let names: Vec<String> = parse(&body)["Shifts"]
-            .as_array()
-            .expect("shifts")
-            .iter()
-            .map(|s| s["Name"].as_str().unwrap_or_default().to_string())
-            .collect();
-        assert_eq!(names, vec!["morning shift", "night shift"]);
-
-        let (status, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[("PersonId", "nobody"), ("Token", &token)],
-            )
-            .await;
-        assert_eq!(status, 404);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": "PersonId [nobody] not found", "Code": 1100, "ModelStateErr": []})
-        );
-        let (status, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[("PersonId", "42"), ("Token", &token)],
-            )
-            .await;
-        assert_eq!(status, 404);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": "No scheduled action for PersonId [42] found", "Code": 1132, "ModelStateErr": []})
-        );
-        let (status, body) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[
-                    ("PersonId", "100200300"),
-                    ("PageSize", "abc"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        assert_eq!(status, 400);
-        assert_eq!(parse(&body)["Code"], 1002);
-        let (status, _) = env
-            .get(
-                "attendance/getScheduledShift",
-                &[
-                    ("PersonId", "100200300"),
-                    ("TimeFrom", "15.6.2019"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        assert_eq!(status, 400);
-        env.fake.shutdown().await;
+        assert!(ev["Descriptions"].is_string());
+        assert!(ev["DateCreated"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("/Date(")));
+        e.fake.shutdown().await;
     }
 
     #[tokio::test]
-    async fn persons_list_and_single() {
-        let env = env().await;
-        let token = env.token().await;
-        let (status, body) = env
+    async fn persons_carry_every_documented_field_and_identifier_objects() {
+        let e = env().await;
+        let mut locked = Identifier::card("ABC1");
+        locked.lock = true;
+        e.ctl.add_person(Person {
+            person_id: "P1".into(),
+            name: "Jan".into(),
+            surname: "Novak".into(),
+            department: "Production".into(),
+            identifier_card1: "90001".into(),
+            identifier_card2: None,
+            identifier_entry_code: Some("1234".into()),
+            identifiers: vec![locked],
+            lock: false,
+            time_last_change: Utc::now(),
+        });
+        let t = e.token().await;
+        let (status, body) = e.get("person/getAll", &[("Token", &t)]).await;
+        assert_eq!(status, 200);
+        let p = &body["Persons"][0];
+        for field in [
+            "PersonId",
+            "Name",
+            "Surname",
+            "OrganizationStructure",
+            "Department",
+            "EmployeePosition",
+            "Email",
+            "MobilPhoneNumber",
+            "PhoneNumber",
+            "LoginName",
+            "DegreeInFrontName",
+            "DegreeAfterName",
+            "Sex",
+            "IdentifierEntryCode",
+            "IdentifierCard1",
+            "IdentifierCard2",
+            "Desc",
+            "Lock",
+            "Identifiers",
+            "TimeLastChange",
+            "UdsCollection",
+        ] {
+            assert!(p.get(field).is_some(), "{field}");
+        }
+        assert_eq!(p["Lock"].as_i64(), Some(0), "one identifier is open");
+        let ids = p["Identifiers"].as_array().expect("identifiers");
+        assert_eq!(ids.len(), 2, "the locked one and card 1");
+        assert_eq!(ids[0]["Lock"].as_i64(), Some(1));
+        assert_eq!(ids[1]["InternalNrLong"], "90001");
+        e.ctl.deny_persons(true);
+        let (status, body) = e.get("person/getAll", &[("Token", &t)]).await;
+        assert_eq!((status, body["Code"].as_u64()), (403, Some(1101)));
+        let (status, body) = e
             .get(
                 "person/getAll",
-                &[("PageNumber", "1"), ("PageSize", "1"), ("Token", &token)],
+                &[("Token", "6f1c2a9e-3b7d-4c55-9a0e-2f4b8d1c7e90")],
             )
             .await;
-        assert_eq!(status, 200);
-        assert!(body.contains(r#""TimeLastChange":"\/Date(1732183509678)\/""#));
-        assert_eq!(
-            parse(&body),
-            json!({"Persons": [{"PersonId": "100200300", "Name": "Jan", "Surname": "Novak", "Department": "Production",
-                                "IdentifierCard1": "123456", "IdentifierCard2": null, "IdentifierEntryCode": "1234",
-                                "Identifiers": [], "Lock": false, "TimeLastChange": "/Date(1732183509678)/"}],
-                   "Paging": {"CurrentPage": 1, "PageSize": 1, "TotalCount": 2, "TotalPages": 2}})
-        );
-        let (status, body) = env
-            .get("person/get", &[("PersonId", "42"), ("Token", &token)])
-            .await;
-        assert_eq!(status, 200);
-        assert_eq!(parse(&body)["IdentifierCard1"], "777");
-        let (status, body) = env
-            .get("person/get", &[("PersonId", "43"), ("Token", &token)])
-            .await;
-        assert_eq!(status, 404);
-        assert_eq!(parse(&body)["Code"], 1100);
-        env.ctl.set_max_page_size(1);
-        let (_, body) = env
-            .get("person/getAll", &[("PageSize", "500"), ("Token", &token)])
-            .await;
-        assert_eq!(parse(&body)["Paging"]["PageSize"], 1);
-        env.fake.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn c4_events_since_last_sync() {
-        let env = env().await;
-        env.ctl.add_c4("C4-0001", 17, "Gate north");
-        let event = |created: i64, date: i64, owner: &str| HwEvent {
-            hw_structure_id: 17,
-            date_created: ms(created),
-            date: ms(date),
-            event_code: 1,
-            direction: 1,
-            owner_id: Some(owner.into()),
-            identifier: "123456".into(),
-            zone: "production".into(),
-            descriptions: vec!["Passage".into()],
-        };
-        env.ctl
-            .add_hw_event(event(1_700_000_000_000, 1_700_000_000_000, "100200300"));
-        env.ctl
-            .add_hw_event(event(1_700_000_060_000, 1_700_000_050_000, "42"));
-        let token = env.token().await;
-        let (status, body) = env
-            .get(
-                "HwStructure/getC4HwEvents",
-                &[("C4Identification", "C4-0001"), ("Token", &token)],
-            )
-            .await;
-        assert_eq!(status, 200);
-        assert!(
-            body.contains(r#""DateCreated":"\/Date(1700000000000)\/""#),
-            "{body}"
-        );
-        let v = parse(&body);
-        assert_eq!(v["Events"].as_array().map(Vec::len), Some(2));
-        assert_eq!(
-            v["Events"][0],
-            json!({"ID": 1, "HwStructureId": 17, "DateCreated": "/Date(1700000000000)/", "Date": "/Date(1700000000000)/",
-                   "EventCode": 1, "Direction": 1, "OwnerId": "100200300", "Identifier": "123456",
-                   "Zone": "production", "Descriptions": ["Passage"]})
-        );
-        let last_sync = v["LastSync"].as_str().expect("LastSync").to_string();
-        assert_eq!(last_sync, "/Date(1700000060000)/");
-
-        // Nothing new since; then a late event (happened earlier, created later) appears.
-        let (_, body) = env
-            .get(
-                "HwStructure/getC4HwEvents",
-                &[
-                    ("C4Identification", "C4-0001"),
-                    ("LastSync", &last_sync),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        let v = parse(&body);
-        assert_eq!(v["Events"], json!([]));
-        assert_eq!(v["LastSync"], last_sync.as_str());
-        env.ctl.set_event_offset_suffix(OffsetSuffix::Alternate);
-        env.ctl
-            .add_hw_event(event(1_700_000_120_000, 1_699_999_000_000, "42"));
-        env.ctl
-            .add_hw_event(event(1_700_000_180_000, 1_700_000_170_000, "42"));
-        // LastSync as local wall-clock (server +02:00): 1700000060000 = 2023-11-14T22:14:20Z.
-        let (_, body) = env
-            .get(
-                "HwStructure/getC4HwEvents",
-                &[
-                    ("C4Identification", "C4-0001"),
-                    ("LastSync", "2023-11-15T00:14:20"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        assert!(
-            body.contains(r#""Date":"\/Date(1699999000000+0200)\/""#),
-            "{body}"
-        );
-        assert!(
-            body.contains(r#""Date":"\/Date(1700000170000)\/""#),
-            "{body}"
-        );
-        let v = parse(&body);
-        assert_eq!(v["Events"].as_array().map(Vec::len), Some(2));
-
-        let (status, body) = env
-            .get(
-                "HwStructure/getC4HwEvents",
-                &[("C4Identification", "C4-9"), ("Token", &token)],
-            )
-            .await;
-        assert_eq!(status, 404);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": "Sensor [C4-9] not found", "Code": 1120, "ModelStateErr": []})
-        );
-
-        // Passes derived from the same events.
-        let (status, body) = env
-            .get(
-                "attendance/getPassByPerson",
-                &[
-                    ("PersonId", "42"),
-                    ("TimeFrom", "2023-11-15T00:00:00"),
-                    ("Token", &token),
-                ],
-            )
-            .await;
-        assert_eq!(status, 200);
-        let v = parse(&body);
-        assert_eq!(v["Paging"]["TotalCount"], 2);
-        assert_eq!(
-            v["Passes"][0],
-            json!({"Date": "/Date(1700000050000)/", "SensorName": "Gate north", "Direction": 1, "EventCode": 1,
-                   "IdentifierInternalNrLong": "1E240"})
-        );
-        let (_, body) = env
-            .get(
-                "attendance/getPassBySensor",
-                &[("Sensor", "Gate north"), ("Token", &token)],
-            )
-            .await;
-        assert_eq!(parse(&body)["Paging"]["TotalCount"], 4);
-        env.fake.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn faults_in_aktion_shapes() {
-        let env = env().await;
-        let token = env.token().await;
-        env.ctl.wire().fail_next_on(
-            endpoint::PERSON_GET_ALL,
-            1,
-            Fault::RateLimited {
-                retry_after_secs: 1,
-            },
-        );
-        let (status, body) = env.get("person/getAll", &[("Token", &token)]).await;
-        assert_eq!(status, 401);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": format!("Request rate policy violated for [{token}]"), "Code": 1008, "ModelStateErr": []})
-        );
-        env.ctl.wire().fail_next(1, Fault::InternalError);
-        let (status, body) = env.get("person/getAll", &[("Token", &token)]).await;
-        assert_eq!(status, 500);
-        assert_eq!(
-            parse(&body),
-            json!({"Message": "An error has occurred.", "Code": 500, "ModelStateErr": []})
-        );
-        let (status, _) = env.get("nothing/here", &[]).await;
-        assert_eq!(status, 404);
-        let resp = env
-            .http
-            .get(format!("{}login", env.fake.base_url()))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(resp.status(), 405);
-        env.fake.shutdown().await;
+        assert_eq!((status, body["Code"].as_u64()), (401, Some(1000)));
+        e.fake.shutdown().await;
     }
 }
