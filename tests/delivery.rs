@@ -174,6 +174,8 @@ async fn broker_killed_with_publishes_in_flight_redelivers_them() {
 
     // Kill the broker with all 40 unacknowledged, restart it: every one is published again.
     uplink.set_mode(Mode::Cut);
+    mosquitto.kill();
+    sub.forget_ready();
     mosquitto.restart();
     sub.wait_ready().await;
     uplink.set_mode(Mode::Pass);

@@ -957,6 +957,7 @@ pub(crate) mod tests {
             mirror_interval_secs: 60,
             mirror_days: 7,
             people_interval_secs: 3600,
+            retry_max_secs: 60,
         }
     }
 

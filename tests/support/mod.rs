@@ -344,6 +344,9 @@ impl Subscriber {
         );
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        // A persistent session: if a loaded machine makes the subscriber miss a keep-alive and
+        // reconnect, the broker still holds what it acknowledged to the agent for it.
+        opts.set_clean_session(false);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready) = mpsc::unbounded_channel();
@@ -371,6 +374,12 @@ impl Subscriber {
         let mut s = Subscriber { rx, task, ready };
         s.wait_ready().await;
         s
+    }
+
+    /// Forget SUBACKs seen so far (a reconnect's), so that [`Self::wait_ready`] waits for the
+    /// next one: call it while the broker is down, before restarting it.
+    pub fn forget_ready(&mut self) {
+        while self.ready.try_recv().is_ok() {}
     }
 
     /// Wait for the next SUBACK (after a broker restart, the re-subscription).
