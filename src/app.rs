@@ -264,7 +264,7 @@ impl Agent {
             site = %config.agent.site,
             http = %http_addr,
             store = %store.path().display(),
-            sinks = ?config.sink_names(),
+            sinks = %config.sink_names().join(","),
             "badgegate started"
         );
         Ok(Agent {

@@ -296,7 +296,9 @@ async fn post_clockings(State(st): State<ApiState>, req: Request) -> Response {
                 st.metrics
                     .rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(code = e.code, index = ?e.index, field = ?e.field, message = %e.message, "ingest rejected");
+                // `reason`, not `message`: the JSON log has one `message`, the event's. An absent index or
+                // field is left out of the line rather than written as `None`.
+                tracing::info!(code = e.code, index = e.index, field = e.field, reason = %e.message, "ingest rejected");
             }
             e.into_response()
         }

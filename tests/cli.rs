@@ -364,3 +364,78 @@ async fn queue_list_and_export_while_running_and_stopped() {
     assert_eq!(agent.terminate().code(), Some(0));
     tokio::task::spawn_blocking(check(false)).await.unwrap();
 }
+
+/// Run `args`, read the first line of its stdout, close the pipe (as `| head -1` does) and
+/// return the line, the exit code and stderr.
+fn first_line_then_close(args: &[String]) -> (String, Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = badgegate()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // The reader, and with it the pipe's read end, is gone now.
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    (line, o.status.code(), stderr)
+}
+
+/// A reader that closes the pipe early ends the command quietly with 0 (no "failed printing to
+/// stdout" panic, no exit 134): `status` 20 times, `queue list` and `queue export` with far more
+/// than a pipe buffer to write (so the closed pipe is certain to be hit), agent running and
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_pipe_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    // No broker: everything stays in the queue, and the agent answers all the same.
+    let mut agent = AgentProc::start(dir.path(), &format!("mqtt://127.0.0.1:{}", free_port()));
+    Api::new().post_all(&agent, &many(1500, "pipe")).await;
+    let cfg = agent.config_path.to_str().unwrap().to_owned();
+    let quiet = |args: Vec<String>| {
+        let (line, code, stderr) = first_line_then_close(&args);
+        assert!(!line.is_empty(), "{args:?} printed nothing: {stderr}");
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("failed"), "{args:?}: {stderr}");
+    };
+    let args = |a: &[&str]| -> Vec<String> {
+        a.iter()
+            .map(|s| s.to_string())
+            .chain(["--config".to_owned(), cfg.clone()])
+            .collect()
+    };
+    let big = [
+        args(&["queue", "list", "--json", "--limit", "5000"]),
+        args(&["queue", "list", "--limit", "5000"]),
+        args(&["queue", "export"]),
+    ];
+    let running: Vec<_> = big
+        .iter()
+        .cloned()
+        .chain((0..20).map(|_| args(&["status"])))
+        .collect();
+    // Side by side: `status` spends a second measuring rates.
+    tokio::task::spawn_blocking(move || {
+        std::thread::scope(|s| {
+            for a in running {
+                s.spawn(move || quiet(a));
+            }
+        })
+    })
+    .await
+    .unwrap();
+
+    assert!(agent.terminate().success());
+    tokio::task::spawn_blocking(move || {
+        for a in big {
+            quiet(a);
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -377,7 +377,7 @@ impl AccessLink {
             .to_owned();
         let terminal = v["terminal"].as_str();
         if terminal.is_some_and(|t| self.config.terminal(t).is_none()) {
-            tracing::debug!(?terminal, "access check for a terminal of another gateway");
+            tracing::debug!(terminal, "access check for a terminal of another gateway");
             return None;
         }
         let correlation_id = v.get("correlation_id").cloned().unwrap_or(Value::Null);

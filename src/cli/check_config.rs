@@ -3,12 +3,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use super::out::outln;
 use super::{read_config, EXIT_USAGE};
 
 pub fn check_config(path: &Path) -> ExitCode {
     match read_config(path) {
         Ok(c) => {
-            println!(
+            outln!(
                 "{}: OK (site {}, {} terminal(s), sinks: {})",
                 path.display(),
                 c.agent.site,
@@ -19,7 +20,7 @@ pub fn check_config(path: &Path) -> ExitCode {
         }
         Err(e) => {
             for p in &e.0 {
-                println!("{p}");
+                outln!("{p}");
             }
             eprintln!("{}: {} problem(s)", path.display(), e.0.len());
             ExitCode::from(EXIT_USAGE)

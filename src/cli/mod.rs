@@ -6,6 +6,7 @@ mod agent_api;
 mod args;
 pub mod check_config;
 pub mod demo;
+mod out;
 pub mod queue;
 pub mod run;
 pub mod status;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::agent_api::AgentApi;
+use super::out::{outln, reader_gone};
 use super::{fail, load, sinks, QueueSelection, EXIT_FAILURE, EXIT_IO, EXIT_USAGE};
 use crate::config::Config;
 use crate::status::{human_bytes, human_secs};
@@ -115,7 +116,7 @@ pub fn stats(path: &Path, json: bool) -> ExitCode {
     }
     match serde_json::to_string_pretty(&s) {
         Ok(t) => {
-            println!("{t}");
+            outln!("{t}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -126,18 +127,18 @@ pub fn stats(path: &Path, json: bool) -> ExitCode {
 }
 
 fn print_stats(s: &QueueStats) {
-    println!("store    {}", s.store_path.display());
-    println!(
+    outln!("store    {}", s.store_path.display());
+    outln!(
         "size     {}   clockings held: {}",
         human_bytes(s.store_bytes),
         s.clockings_stored
     );
-    println!("{:<10} {:>10}  oldest pending", "sink", "pending");
+    outln!("{:<10} {:>10}  oldest pending", "sink", "pending");
     for k in &s.sinks {
         let age = k
             .oldest_pending_age_secs
             .map_or_else(|| "-".to_owned(), human_secs);
-        println!("{:<10} {:>10}  {}", k.sink, k.pending, age);
+        outln!("{:<10} {:>10}  {}", k.sink, k.pending, age);
     }
 }
 
@@ -167,13 +168,18 @@ pub fn list(sel: &QueueSelection, limit: usize, json: bool) -> ExitCode {
     };
     if json {
         for v in &items {
-            println!("{v}");
+            outln!("{v}");
         }
         return ExitCode::SUCCESS;
     }
-    println!(
+    outln!(
         "{:>8}  {:<25}  {:<12}  {:<10}  {:<3}  {:<13}  SINKS",
-        "SEQ", "OCCURRED_AT", "TERMINAL", "BADGE", "DIR", "STATUS"
+        "SEQ",
+        "OCCURRED_AT",
+        "TERMINAL",
+        "BADGE",
+        "DIR",
+        "STATUS"
     );
     for v in &items {
         let mut sinks: Vec<String> = v["pending_sinks"]
@@ -190,7 +196,7 @@ pub fn list(sel: &QueueSelection, limit: usize, json: bool) -> ExitCode {
                     .map(|d| format!("{}(dead)", d["sink"].as_str().unwrap_or("?"))),
             );
         }
-        println!(
+        outln!(
             "{:>8}  {:<25}  {:<12}  {:<10}  {:<3}  {:<13}  {}",
             v["seq"],
             v["occurred_at"].as_str().unwrap_or(""),
@@ -229,7 +235,10 @@ pub fn export(sel: &QueueSelection, output: Option<&Path>) -> ExitCode {
             Err(e) => return fail(EXIT_IO, format!("{e} (after {written} exported)")),
         };
         for v in &items {
-            if writeln!(out, "{v}").is_err() {
+            if let Err(e) = writeln!(out, "{v}") {
+                if reader_gone(&e) {
+                    return ExitCode::SUCCESS;
+                }
                 return fail(
                     EXIT_IO,
                     format!("writing the export failed after {written} clockings"),
@@ -249,7 +258,10 @@ pub fn export(sel: &QueueSelection, output: Option<&Path>) -> ExitCode {
             None => break,
         }
     }
-    if out.flush().is_err() {
+    if let Err(e) = out.flush() {
+        if reader_gone(&e) {
+            return ExitCode::SUCCESS;
+        }
         return fail(EXIT_IO, "writing the export failed");
     }
     eprintln!("exported {written} clockings");
@@ -267,7 +279,7 @@ pub fn replay_dead_letters(path: &Path, sink: &str) -> ExitCode {
     };
     match Access::open(&config).and_then(|a| a.replay(sink)) {
         Ok(n) => {
-            println!(
+            outln!(
                 "{n} dead letter(s) of {} put back in the queue",
                 sink.as_str()
             );

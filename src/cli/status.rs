@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::agent_api::AgentApi;
+use super::out::outln;
 use super::{fail, load, EXIT_IO};
 use crate::health::Health;
 
@@ -25,7 +26,7 @@ pub fn status(path: &Path, json: bool) -> ExitCode {
         Err(e) => return fail(EXIT_IO, e),
     };
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&first).unwrap_or_default()
         );
@@ -44,6 +45,6 @@ pub fn status(path: &Path, json: bool) -> ExitCode {
             .collect(),
         Err(_) => Vec::new(),
     };
-    println!("{}", crate::status::render(&first, &rates));
+    outln!("{}", crate::status::render(&first, &rates));
     ExitCode::SUCCESS
 }

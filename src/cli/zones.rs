@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::agent_api::AgentApi;
+use super::out::outln;
 use super::{fail, load, sinks, EXIT_IO, EXIT_USAGE};
 use crate::store::{self, StoreError};
 
@@ -36,9 +37,9 @@ pub fn zones(path: &Path, zone: Option<&str>, json: bool) -> ExitCode {
     match doc {
         Ok(doc) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
-                println!("{}", crate::access::view::render(&doc));
+                outln!("{}", crate::access::view::render(&doc));
             }
             ExitCode::SUCCESS
         }

@@ -275,8 +275,8 @@ impl ProtimeSink {
         if self.ledger.in_doubt == Some(seq) {
             match self.client.find_clocking(&pc).await {
                 Ok(found) if self.ledger.landed(seq, key, found.len()) => {
-                    let ids: Vec<i64> = found.iter().map(|f| f.id).collect();
-                    tracing::info!(id = %c.id, protime_ids = ?ids, "a POST without a success answer had landed; not sending it again");
+                    let ids: Vec<String> = found.iter().map(|f| f.id.to_string()).collect();
+                    tracing::info!(id = %c.id, protime_ids = %ids.join(","), "a POST without a success answer had landed; not sending it again");
                     return self.delivered(seq, key, c).await;
                 }
                 Ok(found) => {

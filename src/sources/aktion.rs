@@ -318,8 +318,8 @@ impl AktionSource {
                 source = NAME,
                 terminal = %t.id,
                 aktion_zone = zone,
-                zone_from = ?t.zone_from,
-                zone_to = ?t.zone_to,
+                zone_from = t.zone_from.as_deref(),
+                zone_to = t.zone_to.as_deref(),
                 "Aktion names a zone the terminal does not lead to or from; presence follows the terminal's zones"
             );
         }

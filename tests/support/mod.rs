@@ -136,6 +136,8 @@ pub struct AgentProc {
     child: Option<Child>,
     /// `RUST_LOG` of the agent process.
     log_filter: &'static str,
+    /// `--log-format` of the agent process.
+    log_format: &'static str,
 }
 
 /// A test config; `agent_extra` goes into `[agent]`, `extra` at the end.
@@ -216,6 +218,27 @@ impl AgentProc {
         agent_extra: &str,
         extra: &str,
     ) -> AgentProc {
+        let mut a = AgentProc::configured(dir, mqtt_url, client_id, agent_extra, extra);
+        a.spawn();
+        a
+    }
+
+    /// Like [`start_with`](Self::start_with), logging JSON lines (`--log-format json`).
+    pub fn start_json_logs(dir: &Path, mqtt_url: &str, extra: &str) -> AgentProc {
+        let mut a = AgentProc::configured(dir, mqtt_url, "badgegate-test", "", extra);
+        a.log_format = "json";
+        a.spawn();
+        a
+    }
+
+    /// The config written, the agent not started yet.
+    fn configured(
+        dir: &Path,
+        mqtt_url: &str,
+        client_id: &str,
+        agent_extra: &str,
+        extra: &str,
+    ) -> AgentProc {
         let data_dir = dir.join("data");
         let config_path = dir.join("badgegate.toml");
         let port = free_port();
@@ -227,15 +250,14 @@ impl AgentProc {
             ),
         )
         .unwrap();
-        let mut a = AgentProc {
+        AgentProc {
             http: SocketAddr::from(([127, 0, 0, 1], port)),
             config_path,
             data_dir,
             child: None,
             log_filter: "badgegate=debug",
-        };
-        a.spawn();
-        a
+            log_format: "human",
+        }
     }
 
     /// The agent as a gateway runs it, for the benchmarks: the default MQTT in-flight window
@@ -253,6 +275,7 @@ impl AgentProc {
             data_dir,
             child: None,
             log_filter: "info",
+            log_format: "human",
         };
         a.spawn();
         a
@@ -261,8 +284,7 @@ impl AgentProc {
     /// Start again with the same config and store.
     pub fn spawn(&mut self) {
         let child = badgegate()
-            .arg("run")
-            .arg("--config")
+            .args(["--log-format", self.log_format, "run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", self.log_filter)
             .stdout(Stdio::null())
