@@ -318,7 +318,6 @@ impl Writer {
 }
 
 fn read_next_seq(store: &Store) -> Result<u64, StoreError> {
-    use redb::ReadableDatabase;
     let db = store.db()?;
     let txn = db.begin_read().map_err(StoreError::from_redb)?;
     let meta = txn.open_table(META).map_err(StoreError::from_redb)?;
@@ -397,7 +396,7 @@ impl WriterState {
             return;
         }
         let result = self.store.db().and_then(|db| {
-            let txn = db.begin_write().map_err(StoreError::from_redb)?;
+            let txn = db.begin_write()?;
             txn.commit().map_err(StoreError::from_redb)
         });
         match result {
@@ -548,7 +547,7 @@ impl WriterState {
         }
         let (durability, confirms) = self.batch_durability(ops);
         let db = self.store.db()?;
-        let mut txn = db.begin_write().map_err(StoreError::from_redb)?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let sinks = self.store.sinks().to_vec();
@@ -560,12 +559,15 @@ impl WriterState {
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             let mut state_t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
-            let mut pending: Vec<_> = sinks
+            // The configured sinks first (indexed like `sinks`), then the orphaned ones: never
+            // written here, but a clocking they still hold keeps its body in the outbox.
+            let holders: Vec<SinkId> = sinks.iter().chain(self.store.orphans()).copied().collect();
+            let mut pending: Vec<_> = holders
                 .iter()
                 .map(|s| txn.open_table(s.table()))
                 .collect::<Result<_, _>>()
                 .map_err(StoreError::from_redb)?;
-            let mut dead: Vec<_> = sinks
+            let mut dead: Vec<_> = holders
                 .iter()
                 .map(|s| txn.open_table(s.dead_table()))
                 .collect::<Result<_, _>>()
@@ -632,7 +634,7 @@ impl WriterState {
                         let Some(idx) = sinks.iter().position(|s| s == sink) else {
                             continue;
                         };
-                        if sinks.len() == 1 {
+                        if holders.len() == 1 {
                             // The only sink: a contiguous run of confirmed seqs leaves both tables
                             // as one range removal (a cursor pass, not one descent per key). A
                             // dead letter is never confirmed, so no run spans one.
@@ -785,7 +787,7 @@ impl WriterState {
             Some((used, at)) if at.elapsed() < Duration::from_secs(2) => used,
             _ => {
                 let db = self.store.db()?;
-                let txn = db.begin_write().map_err(StoreError::from_redb)?;
+                let txn = db.begin_write()?;
                 let stats = txn.stats().map_err(StoreError::from_redb)?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
                 txn.abort().map_err(StoreError::from_redb)?;
@@ -805,7 +807,7 @@ impl WriterState {
     fn prune_ids(&mut self) -> Result<(), StoreError> {
         let now = Utc::now().timestamp().max(0) as u64;
         let db = self.store.db()?;
-        let txn = db.begin_write().map_err(StoreError::from_redb)?;
+        let txn = db.begin_write()?;
         {
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
