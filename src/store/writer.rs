@@ -1290,42 +1290,69 @@ mod tests {
         writer.join();
     }
 
+    /// A sink missing from the config is orphaned, not emptied: opening (read-only or not)
+    /// keeps its entries and their clockings, the other sink's deliveries do not release them,
+    /// and only `drop_sink` does.
     #[test]
-    fn sequence_survives_reopen_and_removed_sink_releases_entries() {
+    fn removed_sink_keeps_its_backlog_as_orphaned_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store =
                 Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
             let (writer, h) = Writer::start(store.clone(), 30, None);
             rt().block_on(async {
-                h.ingest(vec![clocking("1", 0), clocking("2", 0)], vec![])
-                    .await
-                    .unwrap();
-                let seqs: Vec<u64> = store
-                    .pending(SinkId::Mqtt, None, 10)
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.0)
-                    .collect();
-                h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+                let five: Vec<Clocking> = (0..5).map(|i| clocking(&format!("b{i}"), i)).collect();
+                h.ingest(five, vec![]).await.unwrap();
             });
             drop(h);
             writer.join();
         }
+        let path = dir.path().join(Store::FILE_NAME);
+        {
+            let mut ro = Store::open_read_only(&path, &[SinkId::Mqtt]).unwrap();
+            let stats = ro.stats().unwrap();
+            assert_eq!(stats.sinks.len(), 1);
+            assert_eq!(stats.sinks[0].pending, 5);
+            assert_eq!(stats.orphaned.len(), 1);
+            assert_eq!(stats.orphaned[0].sink, "protime");
+            assert_eq!(stats.orphaned[0].pending, 5);
+            assert!(ro.drop_sink(SinkId::Protime).is_err(), "read-only");
+        }
         let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
-        assert_eq!(
-            store.stats().unwrap().clockings_stored,
-            0,
-            "protime-only entries released"
-        );
+        assert_eq!(store.orphans(), &[SinkId::Protime]);
         let (writer, h) = Writer::start(store.clone(), 30, None);
         rt().block_on(async {
-            h.ingest(vec![clocking("3", 0)], vec![]).await.unwrap();
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 10)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect();
+            h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+            h.ingest(vec![clocking("later", 30)], vec![]).await.unwrap();
         });
-        let p = store.pending(SinkId::Mqtt, None, 10).unwrap();
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].0, 3, "sequence continues after reopen");
         drop(h);
         writer.join();
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.sinks[0].pending, 1);
+        assert_eq!(stats.orphaned[0].pending, 5, "not delivered, not released");
+        assert_eq!(stats.clockings_stored, 6, "the orphan's clockings are kept");
+        let p = store.pending(SinkId::Mqtt, None, 10).unwrap();
+        assert_eq!(p[0].0, 6, "sequence continues after reopen");
+        drop(store);
+
+        // Configured again: the backlog is Protime's to deliver, bodies included.
+        let store = Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap();
+        assert!(store.orphans().is_empty());
+        assert_eq!(store.pending(SinkId::Protime, None, 10).unwrap().len(), 5);
+        drop(store);
+
+        let mut store = Store::open(dir.path(), &[SinkId::Mqtt]).unwrap();
+        assert!(store.drop_sink(SinkId::Mqtt).is_err(), "a configured sink");
+        assert_eq!(store.drop_sink(SinkId::Protime).unwrap(), 5);
+        let stats = store.stats().unwrap();
+        assert!(stats.orphaned.is_empty());
+        assert_eq!(stats.clockings_stored, 1, "only MQTT's pending clocking is left");
+        assert!(store.orphans().is_empty());
     }
 }
