@@ -1352,7 +1352,10 @@ mod tests {
         assert_eq!(store.drop_sink(SinkId::Protime).unwrap(), 5);
         let stats = store.stats().unwrap();
         assert!(stats.orphaned.is_empty());
-        assert_eq!(stats.clockings_stored, 1, "only MQTT's pending clocking is left");
+        assert_eq!(
+            stats.clockings_stored, 1,
+            "only MQTT's pending clocking is left"
+        );
         assert!(store.orphans().is_empty());
     }
 }
