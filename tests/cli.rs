@@ -404,7 +404,10 @@ async fn backlog_for_mqtt_and_protime() -> Backlog {
 
 /// `queue stats --json` of a stopped agent: (sink, pending) of the configured and of the
 /// orphaned sinks.
-fn pending_by_sink(config: &str) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
+/// (sink, pending) pairs.
+type Pending = Vec<(String, u64)>;
+
+fn pending_by_sink(config: &str) -> (Pending, Pending) {
     let o = run(&["queue", "stats", "--config", config, "--json"]);
     assert_eq!(
         o.status.code(),
@@ -431,7 +434,7 @@ fn pending_by_sink(config: &str) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
     (pairs("sinks"), pairs("orphaned"))
 }
 
-fn both(mqtt: u64, protime: u64) -> Vec<(String, u64)> {
+fn both(mqtt: u64, protime: u64) -> Pending {
     vec![("mqtt".into(), mqtt), ("protime".into(), protime)]
 }
 
