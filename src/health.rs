@@ -29,6 +29,9 @@ pub struct Health {
         deserialize_with = "present"
     )]
     pub oldest_pending_age_secs: Option<Option<f64>>,
+    /// Clockings held per sink missing from the config (kept until `queue drop-sink`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub orphaned: BTreeMap<String, u64>,
     /// Pending clockings per sink; absent when the store could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<BTreeMap<String, u64>>,
@@ -149,6 +152,15 @@ impl From<&SourceHealth> for Source {
     }
 }
 
+/// Pending clockings per orphaned sink (configured no more, kept until `queue drop-sink`).
+pub fn orphaned(stats: &crate::store::QueueStats) -> BTreeMap<String, u64> {
+    stats
+        .orphaned
+        .iter()
+        .map(|k| (k.sink.clone(), k.pending))
+        .collect()
+}
+
 fn read(slot: &std::sync::Mutex<Option<String>>) -> Option<String> {
     slot.lock().ok().and_then(|g| g.clone())
 }
@@ -219,6 +231,7 @@ mod tests {
                 last_error: None,
             }),
             oldest_pending_age_secs: Some(Some(303.2)),
+            orphaned: BTreeMap::new(),
             pending: Some([("mqtt".to_owned(), 5), ("protime".to_owned(), 0)].into()),
             protime: Some(Protime {
                 last_error: Some("HTTP 503".into()),

@@ -528,6 +528,7 @@ fn health(st: &ApiState, stats: Result<QueueStats, StoreError>) -> Health {
                 .filter_map(|k| k.oldest_pending_age_secs)
                 .reduce(f64::max)
         }),
+        orphaned: stats.as_ref().map(health::orphaned).unwrap_or_default(),
         pending: stats.as_ref().ok().map(|s| {
             s.sinks
                 .iter()

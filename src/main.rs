@@ -38,6 +38,9 @@ fn main() -> ExitCode {
             QueueCommand::ReplayDeadLetters { config, sink } => {
                 cli::queue::replay_dead_letters(&config, &sink)
             }
+            QueueCommand::DropSink { config, sink, yes } => {
+                cli::queue::drop_sink(&config, &sink, yes)
+            }
         },
     }
 }

@@ -690,6 +690,7 @@ mod tests {
                     dead_letters: 1,
                 })
                 .collect(),
+            orphaned: Vec::new(),
         };
         let zones = [("hall".to_owned(), 2), ("yard \"b\"".to_owned(), 0)];
         Arc::new(m).render(Some(&stats), true, &zones)

@@ -80,6 +80,12 @@ pub fn render(h: &Health, rates: &[(String, f64)]) -> String {
             eta
         ));
     }
+    for (sink, pending) in &h.orphaned {
+        out.push(format!(
+            "{:<10} {:<10} orphaned: {pending} pending, not in this config",
+            "", sink
+        ));
+    }
     if !h.terminals.is_empty() {
         out.push(format!(
             "{:<10} {:<14} {:<5} {:<19} {:>7} {:>6} {:>7}",
@@ -200,6 +206,7 @@ mod tests {
             "store": {"writable": true, "bytes": 12_345_678, "clockings": 1234, "error": null, "unsynced_confirmations": 0},
             "mqtt": {"connected": false, "access_connected": false, "in_flight": 0, "last_error": "network error: Connection refused (os error 111) while connecting to the broker at 10.0.0.5:1883"},
             "pending": {"mqtt": 1234},
+            "orphaned": {"protime": 5},
             "oldest_pending_age_secs": 303.2,
             "terminals": {
                 "gate-north-with-a-long-name": {"connected": true, "last_record_at": "2026-11-22T08:10:03.123+00:00", "device_backlog": 3, "clock_drift_secs": -2, "frames_rejected": 1, "realtime_records": 7, "backfilled_records": 0, "last_error": null},
@@ -222,6 +229,7 @@ mod tests {
             "DISCONNECTED",
             "mqtt",
             "1234",
+            "protime    orphaned: 5 pending, not in this config",
             "5m 3s",
             "12.5",
             "terminals",

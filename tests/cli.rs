@@ -439,3 +439,213 @@ async fn a_closed_stdout_pipe_ends_a_command_quietly() {
     .await
     .unwrap();
 }
+
+/// An agent with MQTT (a broker that is not there) and Protime (in an outage) holding five
+/// clockings for both sinks, stopped; and a second config on the same store without
+/// `[sinks.protime]`.
+struct Backlog {
+    _fake: badgegate::kit::fakes::protime::FakeProtime,
+    _dir: tempfile::TempDir,
+    agent: AgentProc,
+    with_protime: String,
+    without_protime: String,
+}
+
+async fn backlog_for_mqtt_and_protime() -> Backlog {
+    let fake = badgegate::kit::fakes::protime::FakeProtime::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    fake.control().wire().set_outage(true);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = protime_sink(dir.path(), &fake);
+    let nobody = format!("mqtt://127.0.0.1:{}", free_port());
+    let mut agent = AgentProc::start_with(dir.path(), &nobody, "", &sink);
+    Api::new().post_all(&agent, &many(5, "orphan")).await;
+    assert_eq!(agent.terminate().code(), Some(0));
+    let without = dir.path().join("without-protime.toml");
+    std::fs::write(
+        &without,
+        agent_config(&agent.data_dir, agent.http.port(), &nobody, "", ""),
+    )
+    .unwrap();
+    Backlog {
+        _fake: fake,
+        with_protime: agent.config_path.to_str().unwrap().to_owned(),
+        without_protime: without.to_str().unwrap().to_owned(),
+        _dir: dir,
+        agent,
+    }
+}
+
+/// `queue stats --json` of a stopped agent: (sink, pending) of the configured and of the
+/// orphaned sinks.
+/// (sink, pending) pairs.
+type Pending = Vec<(String, u64)>;
+
+fn pending_by_sink(config: &str) -> (Pending, Pending) {
+    let o = run(&["queue", "stats", "--config", config, "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pairs = |key: &str| {
+        v[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        (
+                            s["sink"].as_str().unwrap().to_owned(),
+                            s["pending"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    (pairs("sinks"), pairs("orphaned"))
+}
+
+fn both(mqtt: u64, protime: u64) -> Pending {
+    vec![("mqtt".into(), mqtt), ("protime".into(), protime)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_stats_with_a_config_missing_a_sink_keeps_its_backlog() {
+    let b = backlog_for_mqtt_and_protime().await;
+    assert_eq!(pending_by_sink(&b.with_protime), (both(5, 5), vec![]));
+
+    let o = run(&["queue", "stats", "--config", &b.without_protime]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("protime")
+                && l.contains("orphaned: 5 pending, not in this config")),
+        "{out}"
+    );
+    assert_eq!(
+        pending_by_sink(&b.without_protime),
+        (vec![("mqtt".into(), 5)], vec![("protime".into(), 5)])
+    );
+    for cmd in [&["list"][..], &["export"][..]] {
+        let o = run(&[&["queue"][..], cmd, &["--config", &b.without_protime]].concat());
+        assert_eq!(o.status.code(), Some(0), "{cmd:?}");
+    }
+    let o = run(&["zones", "--config", &b.without_protime]);
+    assert_eq!(o.status.code(), Some(0));
+
+    assert_eq!(
+        pending_by_sink(&b.with_protime),
+        (both(5, 5), vec![]),
+        "the original config still sees Protime's backlog"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_a_sink_keeps_its_backlog_as_orphaned() {
+    let mut b = backlog_for_mqtt_and_protime().await;
+    let original = std::fs::read_to_string(&b.with_protime).unwrap();
+    std::fs::copy(&b.without_protime, &b.with_protime).unwrap();
+    b.agent.spawn();
+
+    let api = Api::new();
+    let (_, stats) = api.get_json(&b.agent, "/v1/queue/stats").await;
+    assert_eq!(stats["orphaned"][0]["sink"], "protime", "{stats}");
+    assert_eq!(stats["orphaned"][0]["pending"], 5, "{stats}");
+    let (_, health) = api.get_json(&b.agent, "/healthz").await;
+    assert_eq!(health["orphaned"]["protime"], 5, "{health}");
+    let cfg = b.with_protime.clone();
+    let o = tokio::task::spawn_blocking(move || run(&["status", "--config", &cfg]))
+        .await
+        .unwrap();
+    assert!(
+        stdout(&o).contains("protime    orphaned: 5 pending, not in this config"),
+        "{}",
+        stdout(&o)
+    );
+    // Logged once, at start, with the count (the store is opened before the API listens).
+    let log = std::fs::read_to_string(b.agent.config_path.with_extension("log")).unwrap();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sink is not configured"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("protime") && warnings[0].contains("pending=5"),
+        "{}",
+        warnings[0]
+    );
+
+    assert_eq!(b.agent.terminate().code(), Some(0));
+    std::fs::write(&b.with_protime, original).unwrap();
+    assert_eq!(
+        pending_by_sink(&b.with_protime),
+        (both(5, 5), vec![]),
+        "configured again, Protime has its whole backlog"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_sink_needs_confirmation_and_then_drops() {
+    let mut b = backlog_for_mqtt_and_protime().await;
+    let without = b.without_protime.clone();
+    let drop_sink = |config: &str, yes: bool| {
+        let mut args = vec!["queue", "drop-sink", "protime", "--config", config];
+        if yes {
+            args.push("--yes");
+        }
+        badgegate()
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // A configured sink is the agent's to deliver.
+    let o = drop_sink(&b.with_protime, true);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is configured"));
+
+    // No terminal to type the name on, no --yes: refused, nothing dropped.
+    let o = drop_sink(&without, false);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--yes"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(pending_by_sink(&without).1, vec![("protime".into(), 5)]);
+
+    // While the agent runs it holds the store: a clear error, exit 74.
+    std::fs::copy(&without, &b.with_protime).unwrap();
+    b.agent.spawn();
+    let o = drop_sink(&without, true);
+    assert_eq!(o.status.code(), Some(74));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stop the agent first"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(b.agent.terminate().code(), Some(0));
+
+    let o = drop_sink(&without, true);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout(&o).contains("dropped 5 entries"), "{}", stdout(&o));
+    assert_eq!(
+        pending_by_sink(&without),
+        (vec![("mqtt".into(), 5)], vec![]),
+        "MQTT keeps its queue"
+    );
+    let o = drop_sink(&without, true);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("nothing to drop"), "{}", stdout(&o));
+}

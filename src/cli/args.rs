@@ -118,6 +118,18 @@ pub enum QueueCommand {
         #[arg(long, default_value = "protime")]
         sink: String,
     },
+    /// Release the clockings a sink removed from the config still holds (shown as "orphaned"):
+    /// they are never delivered to it. Asks to type the sink's name unless --yes; needs the
+    /// agent stopped.
+    DropSink {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The sink to drop: mqtt or protime (must not be in the config).
+        sink: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Pending clockings per sink, oldest pending age, store size.
     Stats {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]

@@ -16,7 +16,9 @@ use super::out::{outln, reader_gone};
 use super::{fail, load, sinks, QueueSelection, EXIT_FAILURE, EXIT_IO, EXIT_USAGE};
 use crate::config::Config;
 use crate::status::{human_bytes, human_secs};
-use crate::store::{self, Change, QueueFilter, QueueStats, SinkId, Store, StoreError, Writer};
+use crate::store::{
+    self, Change, QueueFilter, QueueStats, SinkId, SinkStats, Store, StoreError, Writer,
+};
 
 /// Where the queue is read and changed.
 enum Access {
@@ -27,8 +29,15 @@ enum Access {
 }
 
 impl Access {
-    fn open(config: &Config) -> Result<Access, String> {
-        match store::open_offline(&config.agent.data_dir, &sinks(config)) {
+    /// `writable` for the tools that change the queue; the others open it read-only.
+    fn open(config: &Config, writable: bool) -> Result<Access, String> {
+        let (dir, sinks) = (&config.agent.data_dir, sinks(config));
+        let opened = if writable {
+            store::open_offline_writable(dir, &sinks)
+        } else {
+            store::open_offline(dir, &sinks)
+        };
+        match opened {
             Ok(s) => Ok(Access::Local(Arc::new(s))),
             Err(StoreError::Locked { .. }) => AgentApi::of(config).map(Access::Remote),
             Err(e) => Err(e.to_string()),
@@ -140,6 +149,22 @@ fn print_stats(s: &QueueStats) {
             .map_or_else(|| "-".to_owned(), human_secs);
         outln!("{:<10} {:>10}  {}", k.sink, k.pending, age);
     }
+    for k in &s.orphaned {
+        outln!("{}", orphaned_line(k));
+    }
+}
+
+/// How `queue stats` shows a sink missing from the config that still holds clockings.
+fn orphaned_line(k: &SinkStats) -> String {
+    let dead = if k.dead_letters > 0 {
+        format!(" and {} dead letter(s)", k.dead_letters)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:<10} orphaned: {} pending{dead}, not in this config (kept; `badgegate queue drop-sink {}` releases them)",
+        k.sink, k.pending, k.sink
+    )
 }
 
 /// The selection, validated before anything is opened, and where to read it.
@@ -152,7 +177,7 @@ fn open(sel: &QueueSelection) -> Result<(Access, QueueFilter), ExitCode> {
         sel.until.as_deref(),
     )
     .map_err(|e| fail(EXIT_USAGE, e))?;
-    let access = Access::open(&config).map_err(|e| fail(EXIT_IO, e))?;
+    let access = Access::open(&config, false).map_err(|e| fail(EXIT_IO, e))?;
     Ok((access, filter))
 }
 
@@ -277,7 +302,7 @@ pub fn replay_dead_letters(path: &Path, sink: &str) -> ExitCode {
     let Some(sink) = SinkId::from_name(sink) else {
         return fail(EXIT_USAGE, format!("unknown sink {sink:?} (mqtt, protime)"));
     };
-    match Access::open(&config).and_then(|a| a.replay(sink)) {
+    match Access::open(&config, true).and_then(|a| a.replay(sink)) {
         Ok(n) => {
             outln!(
                 "{n} dead letter(s) of {} put back in the queue",
@@ -287,4 +312,85 @@ pub fn replay_dead_letters(path: &Path, sink: &str) -> ExitCode {
         }
         Err(e) => fail(EXIT_IO, e),
     }
+}
+
+/// `queue drop-sink`: release what a sink missing from the config still holds. Offline only:
+/// the running agent holds the store, and dropping a queue is not something to do remotely.
+pub fn drop_sink(path: &Path, name: &str, yes: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(sink) = SinkId::from_name(name) else {
+        return fail(EXIT_USAGE, format!("unknown sink {name:?} (mqtt, protime)"));
+    };
+    let configured = sinks(&config);
+    if configured.contains(&sink) {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "sink {name} is configured in {}: the agent delivers its queue; remove its section first to drop it",
+                path.display()
+            ),
+        );
+    }
+    let mut store = match store::open_offline_writable(&config.agent.data_dir, &configured) {
+        Ok(s) => s,
+        Err(StoreError::Locked { path }) => {
+            return fail(
+                EXIT_IO,
+                format!(
+                    "store {} is in use (is the agent running?): stop the agent first, drop-sink needs the store to itself",
+                    path.display()
+                ),
+            )
+        }
+        Err(e) => return fail(EXIT_IO, e),
+    };
+    let held = match store.stats() {
+        Ok(s) => s.orphaned.into_iter().find(|k| k.sink == name),
+        Err(e) => return fail(EXIT_IO, e),
+    };
+    let Some(held) = held else {
+        outln!(
+            "{name} holds no clockings in {}: nothing to drop",
+            store.path().display()
+        );
+        return ExitCode::SUCCESS;
+    };
+    if !yes {
+        if let Err(code) = confirm(name, &held) {
+            return code;
+        }
+    }
+    match store.drop_sink(sink) {
+        Ok(n) => {
+            outln!("dropped {n} entries of sink {name} (they will not be delivered to it)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_IO, e),
+    }
+}
+
+/// Ask on the terminal to type the sink's name; without a terminal, only `--yes` will do.
+fn confirm(name: &str, held: &SinkStats) -> Result<(), ExitCode> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(fail(
+            EXIT_USAGE,
+            format!(
+                "drop-sink would drop {} pending and {} dead-lettered clockings of {name}; not a terminal to confirm on: pass --yes",
+                held.pending, held.dead_letters
+            ),
+        ));
+    }
+    eprint!(
+        "This drops {} pending and {} dead-lettered clockings of {name}: they will never reach it.\nType the sink name ({name}) to confirm: ",
+        held.pending, held.dead_letters
+    );
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() || answer.trim() != name {
+        return Err(fail(EXIT_FAILURE, "not confirmed; nothing dropped"));
+    }
+    Ok(())
 }

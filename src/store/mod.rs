@@ -12,18 +12,26 @@
 //! A clocking leaves `outbox` in the same transaction that removes it from the last sink's
 //! pending table, so "delivered to every sink" and "deleted" can never disagree.
 //!
+//! Opening the store never deletes anything. A sink that is no longer configured keeps its
+//! pending table ("orphaned": not delivered, still counted, its clockings still held) until
+//! `badgegate queue drop-sink` releases it on purpose: a config that lost a section, whether by
+//! an edit or a wrong `--config`, must not cost a backlog. The queue tools open the store
+//! read-only.
+//!
 //! Writes go through one writer thread ([`writer`]) that batches concurrent requests into a
 //! single fsync'd transaction (group commit); reads open their own read transactions.
 
 pub mod tables;
 pub mod writer;
 
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use chrono::{DateTime, Utc};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, TableDefinition,
+};
 use serde::Serialize;
 
 use crate::model::{Clocking, Source};
@@ -33,8 +41,20 @@ pub use writer::{
     AccessHook, AccessReads, Change, DeadLetter, IngestOutcome, Writer, WriterHandle,
 };
 
-/// Open the store of a stopped agent for the queue tools (fails with `Locked` while it runs).
+/// Open the store of a stopped agent read-only, for the tools that only look (fails with
+/// `Locked` while it runs). Nothing in the file changes, whatever `sinks` says.
 pub fn open_offline(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
+    Store::open_read_only(&existing(data_dir)?, sinks)
+}
+
+/// Open the store of a stopped agent for a tool that changes it (`replay-dead-letters`,
+/// `drop-sink`); fails with `Locked` while the agent runs.
+pub fn open_offline_writable(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
+    existing(data_dir)?;
+    Store::open(data_dir, sinks)
+}
+
+fn existing(data_dir: &Path) -> Result<PathBuf, StoreError> {
     let path = data_dir.join(Store::FILE_NAME);
     if !path.exists() {
         return Err(StoreError::Io(format!(
@@ -42,7 +62,7 @@ pub fn open_offline(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreErr
             path.display()
         )));
     }
-    Store::open(data_dir, sinks)
+    Ok(path)
 }
 
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -200,6 +220,10 @@ pub struct QueueStats {
     pub store_bytes: u64,
     pub clockings_stored: u64,
     pub sinks: Vec<SinkStats>,
+    /// Sinks missing from this config that still hold clockings: kept, not delivered, until
+    /// `queue drop-sink` releases them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphaned: Vec<SinkStats>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -217,17 +241,26 @@ pub struct SinkStats {
 pub struct Store {
     /// Shared by every reader and the writer; taken exclusively only to compact the file or to
     /// reopen it after an I/O error. `None` while a reopen failed (it is retried on next use).
-    db: RwLock<Option<Database>>,
+    db: RwLock<Option<Handle>>,
     path: PathBuf,
+    read_only: bool,
     sinks: Vec<SinkId>,
+    /// Sinks not in `sinks` whose tables still hold clockings (found at open).
+    orphans: Vec<SinkId>,
+}
+
+/// The open database: writable for the agent and the tools that change the queue, read-only
+/// for the tools that only look.
+pub(crate) enum Handle {
+    Write(Database),
+    Read(ReadOnlyDatabase),
 }
 
 impl Store {
     pub const FILE_NAME: &'static str = "badgegate.redb";
 
-    /// Open (or create) the store in `data_dir` for the given sinks. A sink's pending table
-    /// that is no longer configured is dropped (its clockings are released from the outbox when
-    /// no other sink still needs them), with a warning: this only happens on a config change.
+    /// Open (or create) the store in `data_dir` for the given sinks. The pending entries of a
+    /// sink that is no longer configured are kept (orphaned, see the module doc) with a warning.
     pub fn open(data_dir: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Io(format!(
@@ -245,18 +278,141 @@ impl Store {
                 })
             }
         };
-        let store = Store {
-            db: RwLock::new(Some(db)),
+        let mut store = Store {
+            db: RwLock::new(Some(Handle::Write(db))),
             path,
+            read_only: false,
             sinks: sinks.to_vec(),
+            orphans: Vec::new(),
         };
         store.init_tables()?;
+        store.orphans = store.find_orphans()?;
+        for s in &store.orphans {
+            let (pending, dead) = store.held_by(*s)?;
+            tracing::warn!(
+                sink = s.as_str(),
+                pending,
+                dead_letters = dead,
+                "sink is not configured: its clockings are kept, not delivered; configure it again, or release them with `badgegate queue drop-sink {}`",
+                s.as_str()
+            );
+        }
         Ok(store)
+    }
+
+    /// Open an existing store without changing it. A store left by a crash needs redb's repair,
+    /// which a read-only open refuses: it is then opened for writing once (the repair the
+    /// agent's next start would run, touching no table) and read-only again.
+    pub fn open_read_only(path: &Path, sinks: &[SinkId]) -> Result<Store, StoreError> {
+        let db = match open_db_read_only(path) {
+            Err(redb::DatabaseError::RepairAborted) => {
+                drop(open_db(path).map_err(|e| open_error(path, e))?);
+                open_db_read_only(path)
+            }
+            other => other,
+        }
+        .map_err(|e| open_error(path, e))?;
+        let mut store = Store {
+            db: RwLock::new(Some(Handle::Read(db))),
+            path: path.to_path_buf(),
+            read_only: true,
+            sinks: sinks.to_vec(),
+            orphans: Vec::new(),
+        };
+        store.orphans = store.find_orphans()?;
+        Ok(store)
+    }
+
+    /// Sinks outside the config whose pending or dead-letter table holds something.
+    fn find_orphans(&self) -> Result<Vec<SinkId>, StoreError> {
+        let mut out = Vec::new();
+        for s in SinkId::ALL.into_iter().filter(|s| !self.sinks.contains(s)) {
+            let (pending, dead) = self.held_by(s)?;
+            if pending + dead > 0 {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// (pending, dead letters) of a sink; (0, 0) when it never had tables.
+    fn held_by(&self, sink: SinkId) -> Result<(u64, u64), StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(StoreError::from_redb)?;
+        let pending = match read_table(&txn, sink.table())? {
+            Some(t) => t.len().map_err(StoreError::from_redb)?,
+            None => 0,
+        };
+        let dead = match read_table(&txn, sink.dead_table())? {
+            Some(t) => t.len().map_err(StoreError::from_redb)?,
+            None => 0,
+        };
+        Ok((pending, dead))
+    }
+
+    /// Sinks missing from the config that still hold clockings.
+    pub fn orphans(&self) -> &[SinkId] {
+        &self.orphans
+    }
+
+    /// Release everything an orphaned sink holds: its pending and dead-letter entries go, and so
+    /// do the clockings no other sink still needs. Returns how many entries were dropped. A
+    /// configured sink is refused: its queue is the agent's to deliver.
+    pub fn drop_sink(&mut self, sink: SinkId) -> Result<u64, StoreError> {
+        if self.sinks.contains(&sink) {
+            return Err(StoreError::Io(format!(
+                "sink {} is configured; remove it from the config before dropping its queue",
+                sink.as_str()
+            )));
+        }
+        let dropped = {
+            let db = self.db()?;
+            let txn = db.begin_write()?;
+            let mut seqs: Vec<u64> = Vec::new();
+            {
+                let pending = txn
+                    .open_table(sink.table())
+                    .map_err(StoreError::from_redb)?;
+                for e in pending.iter().map_err(StoreError::from_redb)? {
+                    seqs.push(e.map_err(StoreError::from_redb)?.0.value());
+                }
+                let dead = txn
+                    .open_table(sink.dead_table())
+                    .map_err(StoreError::from_redb)?;
+                for e in dead.iter().map_err(StoreError::from_redb)? {
+                    seqs.push(e.map_err(StoreError::from_redb)?.0.value());
+                }
+            }
+            let dropped = seqs.len() as u64;
+            txn.delete_table(sink.table())
+                .map_err(StoreError::from_redb)?;
+            txn.delete_table(sink.dead_table())
+                .map_err(StoreError::from_redb)?;
+            seqs.sort_unstable();
+            seqs.dedup();
+            {
+                let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+                for seq in seqs {
+                    if !self.pending_elsewhere(&txn, Some(sink), seq)? {
+                        outbox.remove(seq).map_err(StoreError::from_redb)?;
+                    }
+                }
+            }
+            txn.commit().map_err(StoreError::from_redb)?;
+            dropped
+        };
+        self.orphans.retain(|s| *s != sink);
+        tracing::warn!(
+            sink = sink.as_str(),
+            dropped,
+            "sink's queue dropped on request"
+        );
+        Ok(dropped)
     }
 
     fn init_tables(&self) -> Result<(), StoreError> {
         let db = self.db()?;
-        let txn = db.begin_write().map_err(StoreError::from_redb)?;
+        let txn = db.begin_write()?;
         {
             txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
             txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -269,57 +425,19 @@ impl Store {
                 txn.open_table(s.dead_table())
                     .map_err(StoreError::from_redb)?;
             }
-            let mut released = 0u64;
-            for gone in SinkId::ALL.iter().filter(|s| !self.sinks.contains(s)) {
-                let mut existing: Vec<u64> = Vec::new();
-                if let Ok(t) = txn.open_table(gone.table()) {
-                    existing.extend(
-                        t.iter()
-                            .map_err(StoreError::from_redb)?
-                            .filter_map(|e| e.ok().map(|(k, _)| k.value())),
-                    );
-                }
-                if let Ok(t) = txn.open_table(gone.dead_table()) {
-                    existing.extend(
-                        t.iter()
-                            .map_err(StoreError::from_redb)?
-                            .filter_map(|e| e.ok().map(|(k, _)| k.value())),
-                    );
-                }
-                if !existing.is_empty() {
-                    tracing::warn!(
-                        sink = gone.as_str(),
-                        undelivered = existing.len(),
-                        "sink is no longer configured: its undelivered clockings are released"
-                    );
-                }
-                txn.delete_table(gone.table())
-                    .map_err(StoreError::from_redb)?;
-                txn.delete_table(gone.dead_table())
-                    .map_err(StoreError::from_redb)?;
-                let mut outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
-                for seq in existing {
-                    if !self.pending_elsewhere(&txn, None, seq)? {
-                        outbox.remove(seq).map_err(StoreError::from_redb)?;
-                        released += 1;
-                    }
-                }
-            }
-            if released > 0 {
-                tracing::warn!(released, "clockings released from the outbox");
-            }
         }
         txn.commit().map_err(StoreError::from_redb)
     }
 
-    /// Is `seq` still needed (pending or dead-lettered) by any configured sink other than `except`?
+    /// Is `seq` still needed (pending or dead-lettered) by any sink, configured or orphaned,
+    /// other than `except`?
     pub(crate) fn pending_elsewhere(
         &self,
         txn: &redb::WriteTransaction,
         except: Option<SinkId>,
         seq: u64,
     ) -> Result<bool, StoreError> {
-        for s in self.sinks.iter().filter(|s| Some(**s) != except) {
+        for s in self.holders().filter(|s| Some(*s) != except) {
             let t = txn.open_table(s.table()).map_err(StoreError::from_redb)?;
             if t.get(seq).map_err(StoreError::from_redb)?.is_some() {
                 return Ok(true);
@@ -342,6 +460,20 @@ impl Store {
         &self.sinks
     }
 
+    /// Every sink that may hold clockings: the configured ones, then the orphaned ones.
+    fn holders(&self) -> impl Iterator<Item = SinkId> + '_ {
+        self.sinks.iter().chain(&self.orphans).copied()
+    }
+
+    fn open_handle(&self) -> Result<Handle, StoreError> {
+        let handle = if self.read_only {
+            open_db_read_only(&self.path).map(Handle::Read)
+        } else {
+            open_db(&self.path).map(Handle::Write)
+        };
+        handle.map_err(|e| open_error(&self.path, e))
+    }
+
     /// The database, for one transaction: hold the guard as long as the transaction. Opens it
     /// again first if an earlier reopen failed.
     pub(crate) fn db(&self) -> Result<Db<'_>, StoreError> {
@@ -354,7 +486,7 @@ impl Store {
         {
             let mut w = self.db.write().unwrap_or_else(|e| e.into_inner());
             if w.is_none() {
-                *w = Some(open_db(&self.path).map_err(|e| open_error(&self.path, e))?);
+                *w = Some(self.open_handle()?);
                 tracing::info!(path = %self.path.display(), "store reopened");
             }
         }
@@ -367,6 +499,9 @@ impl Store {
     pub(crate) fn needs_reopen(&self) -> bool {
         let Ok(db) = self.db() else {
             return true;
+        };
+        let Handle::Write(db) = db.handle() else {
+            return false;
         };
         match db.begin_write() {
             Ok(txn) => {
@@ -388,7 +523,7 @@ impl Store {
         let mut w = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Dropped first: it holds the file lock.
         *w = None;
-        *w = Some(open_db(&self.path).map_err(|e| open_error(&self.path, e))?);
+        *w = Some(self.open_handle()?);
         tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
         Ok(())
     }
@@ -399,7 +534,7 @@ impl Store {
     /// empty and at least half of a file of `min_bytes` or more is free. Returns (before, after).
     pub fn compact_if_worthwhile(&self, min_bytes: u64) -> Result<Option<(u64, u64)>, StoreError> {
         let before = file_len(&self.path);
-        if before < min_bytes {
+        if before < min_bytes || self.read_only {
             return Ok(None);
         }
         {
@@ -416,7 +551,7 @@ impl Store {
             }
             drop(read);
             // Measuring what is in use walks the trees: only now.
-            let txn = db.begin_write().map_err(StoreError::from_redb)?;
+            let txn = db.begin_write()?;
             let stats = txn.stats().map_err(StoreError::from_redb)?;
             let used = stats.allocated_pages() * stats.page_size() as u64;
             txn.abort().map_err(StoreError::from_redb)?;
@@ -425,7 +560,7 @@ impl Store {
             }
         }
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
-        let Some(db_mut) = db.as_mut() else {
+        let Some(Handle::Write(db_mut)) = db.as_mut() else {
             return Ok(None);
         };
         db_mut
@@ -490,41 +625,56 @@ impl Store {
         Ok(out)
     }
 
-    /// Pending counts, oldest pending age and store size.
+    /// Pending counts, oldest pending age and store size; orphaned sinks apart.
     pub fn stats(&self) -> Result<QueueStats, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
-        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let outbox = read_table(&txn, OUTBOX)?;
         let now = Utc::now();
-        let mut sinks = Vec::new();
-        for s in &self.sinks {
-            let t = txn.open_table(s.table()).map_err(StoreError::from_redb)?;
-            let pending = t.len().map_err(StoreError::from_redb)?;
-            let oldest = match t.first().map_err(StoreError::from_redb)? {
-                Some((seq, _)) => outbox
-                    .get(seq.value())
-                    .map_err(StoreError::from_redb)?
-                    .and_then(|b| postcard::from_bytes::<Clocking>(b.value()).ok())
-                    .map(|c| age_secs(c.received_at, now)),
-                None => None,
-            };
-            let dead_letters = txn
-                .open_table(s.dead_table())
-                .map_err(StoreError::from_redb)?
-                .len()
-                .map_err(StoreError::from_redb)?;
-            sinks.push(SinkStats {
+        let sink_stats = |s: SinkId| -> Result<SinkStats, StoreError> {
+            let (mut pending, mut oldest, mut dead_letters) = (0, None, 0);
+            if let Some(t) = read_table(&txn, s.table())? {
+                pending = t.len().map_err(StoreError::from_redb)?;
+                if let (Some((seq, _)), Some(outbox)) =
+                    (t.first().map_err(StoreError::from_redb)?, outbox.as_ref())
+                {
+                    oldest = outbox
+                        .get(seq.value())
+                        .map_err(StoreError::from_redb)?
+                        .and_then(|b| postcard::from_bytes::<Clocking>(b.value()).ok())
+                        .map(|c| age_secs(c.received_at, now));
+                }
+            }
+            if let Some(t) = read_table(&txn, s.dead_table())? {
+                dead_letters = t.len().map_err(StoreError::from_redb)?;
+            }
+            Ok(SinkStats {
                 sink: s.as_str().to_owned(),
                 pending,
                 oldest_pending_age_secs: oldest,
                 dead_letters,
-            });
-        }
+            })
+        };
+        let sinks = self
+            .sinks
+            .iter()
+            .map(|s| sink_stats(*s))
+            .collect::<Result<_, _>>()?;
+        let orphaned = self
+            .orphans
+            .iter()
+            .map(|s| sink_stats(*s))
+            .collect::<Result<_, _>>()?;
+        let clockings_stored = match &outbox {
+            Some(t) => t.len().map_err(StoreError::from_redb)?,
+            None => 0,
+        };
         Ok(QueueStats {
             store_path: self.path.clone(),
             store_bytes: file_len(&self.path),
-            clockings_stored: outbox.len().map_err(StoreError::from_redb)?,
+            clockings_stored,
             sinks,
+            orphaned,
         })
     }
 
@@ -537,19 +687,18 @@ impl Store {
     ) -> Result<Vec<Queued>, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
-        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let Some(outbox) = read_table(&txn, OUTBOX)? else {
+            return Ok(Vec::new());
+        };
         let mut pending = Vec::new();
         let mut dead = Vec::new();
-        for s in &self.sinks {
-            pending.push((
-                *s,
-                txn.open_table(s.table()).map_err(StoreError::from_redb)?,
-            ));
-            dead.push((
-                *s,
-                txn.open_table(s.dead_table())
-                    .map_err(StoreError::from_redb)?,
-            ));
+        for s in self.holders() {
+            if let Some(t) = read_table(&txn, s.table())? {
+                pending.push((s, t));
+            }
+            if let Some(t) = read_table(&txn, s.dead_table())? {
+                dead.push((s, t));
+            }
         }
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::new();
@@ -606,10 +755,12 @@ impl Store {
     ) -> Result<Vec<(u64, Clocking, DeadLetter)>, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().map_err(StoreError::from_redb)?;
-        let dead = txn
-            .open_table(sink.dead_table())
-            .map_err(StoreError::from_redb)?;
-        let outbox = txn.open_table(OUTBOX).map_err(StoreError::from_redb)?;
+        let (Some(dead), Some(outbox)) = (
+            read_table(&txn, sink.dead_table())?,
+            read_table(&txn, OUTBOX)?,
+        ) else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for entry in dead.iter().map_err(StoreError::from_redb)? {
             let (seq, v) = entry.map_err(StoreError::from_redb)?;
@@ -643,22 +794,47 @@ impl Store {
     }
 }
 
-/// Read-only statistics for `queue stats` while the agent is stopped.
+/// Statistics for `queue stats` while the agent is stopped, from a read-only open (the lock
+/// makes it fail cleanly with `Locked` while the agent runs).
 pub fn offline_stats(data_dir: &Path, sinks: &[SinkId]) -> Result<QueueStats, StoreError> {
-    // Opening for writing (not read-only) lets redb repair a store left by a crash; the lock
-    // makes this fail cleanly with `Locked` while the agent runs.
     open_offline(data_dir, sinks)?.stats()
 }
 
-/// Read access to the open database, for one transaction.
-pub(crate) struct Db<'a>(RwLockReadGuard<'a, Option<Database>>);
+/// A table of a read transaction, `None` when it was never created (a sink added to the
+/// config since the agent last ran, read by a tool that must not create it).
+fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, StoreError> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(StoreError::from_redb(e)),
+    }
+}
 
-impl Deref for Db<'_> {
-    type Target = Database;
+/// Access to the open database, for one transaction.
+pub(crate) struct Db<'a>(RwLockReadGuard<'a, Option<Handle>>);
 
-    fn deref(&self) -> &Database {
+impl Db<'_> {
+    fn handle(&self) -> &Handle {
         // `Store::db` hands out a guard only while the database is open.
         self.0.as_ref().expect("store database is open")
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<ReadTransaction, redb::TransactionError> {
+        match self.handle() {
+            Handle::Write(db) => db.begin_read(),
+            Handle::Read(db) => db.begin_read(),
+        }
+    }
+
+    /// Fails on a store opened read-only: the queue tools that only look never write.
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        match self.handle() {
+            Handle::Write(db) => db.begin_write().map_err(StoreError::from_redb),
+            Handle::Read(_) => Err(StoreError::Io("the store is open read-only".to_owned())),
+        }
     }
 }
 
@@ -666,6 +842,12 @@ fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
     // redb caches up to 1 GiB by default; a gateway has 512 MB in all. Reads beyond the cache
     // come from the OS page cache, and the hot part (the outbox head) stays cached.
     Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
+fn open_db_read_only(path: &Path) -> Result<ReadOnlyDatabase, redb::DatabaseError> {
+    Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .open_read_only(path)
 }
 
 fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {

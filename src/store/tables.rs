@@ -12,7 +12,7 @@
 //! - `unknown_badges`: (badge, occurred ms, clocking id) → the UnknownBadge clocking, re-published
 //!   with its person when the badge gains one.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 use super::{Store, StoreError};
 

@@ -318,7 +318,6 @@ impl Writer {
 }
 
 fn read_next_seq(store: &Store) -> Result<u64, StoreError> {
-    use redb::ReadableDatabase;
     let db = store.db()?;
     let txn = db.begin_read().map_err(StoreError::from_redb)?;
     let meta = txn.open_table(META).map_err(StoreError::from_redb)?;
@@ -397,7 +396,7 @@ impl WriterState {
             return;
         }
         let result = self.store.db().and_then(|db| {
-            let txn = db.begin_write().map_err(StoreError::from_redb)?;
+            let txn = db.begin_write()?;
             txn.commit().map_err(StoreError::from_redb)
         });
         match result {
@@ -548,7 +547,7 @@ impl WriterState {
         }
         let (durability, confirms) = self.batch_durability(ops);
         let db = self.store.db()?;
-        let mut txn = db.begin_write().map_err(StoreError::from_redb)?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         let sinks = self.store.sinks().to_vec();
@@ -560,12 +559,15 @@ impl WriterState {
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             let mut state_t = txn.open_table(STATE).map_err(StoreError::from_redb)?;
-            let mut pending: Vec<_> = sinks
+            // The configured sinks first (indexed like `sinks`), then the orphaned ones: never
+            // written here, but a clocking they still hold keeps its body in the outbox.
+            let holders: Vec<SinkId> = sinks.iter().chain(self.store.orphans()).copied().collect();
+            let mut pending: Vec<_> = holders
                 .iter()
                 .map(|s| txn.open_table(s.table()))
                 .collect::<Result<_, _>>()
                 .map_err(StoreError::from_redb)?;
-            let mut dead: Vec<_> = sinks
+            let mut dead: Vec<_> = holders
                 .iter()
                 .map(|s| txn.open_table(s.dead_table()))
                 .collect::<Result<_, _>>()
@@ -632,7 +634,7 @@ impl WriterState {
                         let Some(idx) = sinks.iter().position(|s| s == sink) else {
                             continue;
                         };
-                        if sinks.len() == 1 {
+                        if holders.len() == 1 {
                             // The only sink: a contiguous run of confirmed seqs leaves both tables
                             // as one range removal (a cursor pass, not one descent per key). A
                             // dead letter is never confirmed, so no run spans one.
@@ -785,7 +787,7 @@ impl WriterState {
             Some((used, at)) if at.elapsed() < Duration::from_secs(2) => used,
             _ => {
                 let db = self.store.db()?;
-                let txn = db.begin_write().map_err(StoreError::from_redb)?;
+                let txn = db.begin_write()?;
                 let stats = txn.stats().map_err(StoreError::from_redb)?;
                 let used = stats.allocated_pages() * stats.page_size() as u64;
                 txn.abort().map_err(StoreError::from_redb)?;
@@ -805,7 +807,7 @@ impl WriterState {
     fn prune_ids(&mut self) -> Result<(), StoreError> {
         let now = Utc::now().timestamp().max(0) as u64;
         let db = self.store.db()?;
-        let txn = db.begin_write().map_err(StoreError::from_redb)?;
+        let txn = db.begin_write()?;
         {
             let mut expiry = txn.open_table(ID_EXPIRY).map_err(StoreError::from_redb)?;
             let mut ids = txn.open_table(IDS).map_err(StoreError::from_redb)?;
@@ -1288,42 +1290,72 @@ mod tests {
         writer.join();
     }
 
+    /// A sink missing from the config is orphaned, not emptied: opening (read-only or not)
+    /// keeps its entries and their clockings, the other sink's deliveries do not release them,
+    /// and only `drop_sink` does.
     #[test]
-    fn sequence_survives_reopen_and_removed_sink_releases_entries() {
+    fn removed_sink_keeps_its_backlog_as_orphaned_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store =
                 Arc::new(Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap());
             let (writer, h) = Writer::start(store.clone(), 30, None);
             rt().block_on(async {
-                h.ingest(vec![clocking("1", 0), clocking("2", 0)], vec![])
-                    .await
-                    .unwrap();
-                let seqs: Vec<u64> = store
-                    .pending(SinkId::Mqtt, None, 10)
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.0)
-                    .collect();
-                h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+                let five: Vec<Clocking> = (0..5).map(|i| clocking(&format!("b{i}"), i)).collect();
+                h.ingest(five, vec![]).await.unwrap();
             });
             drop(h);
             writer.join();
         }
+        let path = dir.path().join(Store::FILE_NAME);
+        {
+            let mut ro = Store::open_read_only(&path, &[SinkId::Mqtt]).unwrap();
+            let stats = ro.stats().unwrap();
+            assert_eq!(stats.sinks.len(), 1);
+            assert_eq!(stats.sinks[0].pending, 5);
+            assert_eq!(stats.orphaned.len(), 1);
+            assert_eq!(stats.orphaned[0].sink, "protime");
+            assert_eq!(stats.orphaned[0].pending, 5);
+            assert!(ro.drop_sink(SinkId::Protime).is_err(), "read-only");
+        }
         let store = Arc::new(Store::open(dir.path(), &[SinkId::Mqtt]).unwrap());
-        assert_eq!(
-            store.stats().unwrap().clockings_stored,
-            0,
-            "protime-only entries released"
-        );
+        assert_eq!(store.orphans(), &[SinkId::Protime]);
         let (writer, h) = Writer::start(store.clone(), 30, None);
         rt().block_on(async {
-            h.ingest(vec![clocking("3", 0)], vec![]).await.unwrap();
+            let seqs: Vec<u64> = store
+                .pending(SinkId::Mqtt, None, 10)
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect();
+            h.confirm_and_wait(SinkId::Mqtt, seqs).await.unwrap();
+            h.ingest(vec![clocking("later", 30)], vec![]).await.unwrap();
         });
-        let p = store.pending(SinkId::Mqtt, None, 10).unwrap();
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].0, 3, "sequence continues after reopen");
         drop(h);
         writer.join();
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.sinks[0].pending, 1);
+        assert_eq!(stats.orphaned[0].pending, 5, "not delivered, not released");
+        assert_eq!(stats.clockings_stored, 6, "the orphan's clockings are kept");
+        let p = store.pending(SinkId::Mqtt, None, 10).unwrap();
+        assert_eq!(p[0].0, 6, "sequence continues after reopen");
+        drop(store);
+
+        // Configured again: the backlog is Protime's to deliver, bodies included.
+        let store = Store::open(dir.path(), &[SinkId::Mqtt, SinkId::Protime]).unwrap();
+        assert!(store.orphans().is_empty());
+        assert_eq!(store.pending(SinkId::Protime, None, 10).unwrap().len(), 5);
+        drop(store);
+
+        let mut store = Store::open(dir.path(), &[SinkId::Mqtt]).unwrap();
+        assert!(store.drop_sink(SinkId::Mqtt).is_err(), "a configured sink");
+        assert_eq!(store.drop_sink(SinkId::Protime).unwrap(), 5);
+        let stats = store.stats().unwrap();
+        assert!(stats.orphaned.is_empty());
+        assert_eq!(
+            stats.clockings_stored, 1,
+            "only MQTT's pending clocking is left"
+        );
+        assert!(store.orphans().is_empty());
     }
 }
