@@ -1396,13 +1396,17 @@ impl Validator {
             Some(other) => {
                 self.problem(
                     "sources.crosschex.checktime",
-                    format!("{other:?} is not a reading of checktime (expected \"local\" or \"utc\")"),
+                    format!(
+                        "{other:?} is not a reading of checktime (expected \"local\" or \"utc\")"
+                    ),
                 );
                 CheckTime::Local
             }
         };
-        let protime_person_ref =
-            self.person_ref("sources.crosschex.protime_person_ref", raw.protime_person_ref);
+        let protime_person_ref = self.person_ref(
+            "sources.crosschex.protime_person_ref",
+            raw.protime_person_ref,
+        );
         Some(CrossChexConfig {
             base_url,
             api_key,
@@ -1650,13 +1654,8 @@ mod tests {
         assert_eq!(c.http.token.unwrap().expose(), "s3cret");
     }
 
-    #[test]
-    fn cloud_sources_and_their_terminals() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["cc", "ak", "pt"] {
-            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
-        }
-        let clouds = r#"
+    /// Two cloud sources, their terminals and the Protime sink (secrets in files cc, ak, pt).
+    const CLOUDS: &str = r#"
             [[terminals]]
             id = "door-cc"
             crosschex_serial = "1750120622290025"
@@ -1679,7 +1678,14 @@ mod tests {
             api_key_file = "ak"
             c4_controllers = ["C4-1", "C4-2"]
         "#;
-        let c = Config::parse(&format!("{MINIMAL}{clouds}"), dir.path()).unwrap();
+
+    #[test]
+    fn cloud_sources_and_their_terminals() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cc", "ak", "pt"] {
+            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
+        }
+        let c = Config::parse(&format!("{MINIMAL}{CLOUDS}"), dir.path()).unwrap();
         let cc = c.sources.crosschex.unwrap();
         assert_eq!(
             (
@@ -1710,7 +1716,7 @@ mod tests {
         );
         assert_eq!(c.terminals[2].aktion_c4.as_deref(), Some("C4-1"));
 
-        let bad = format!("{MINIMAL}{clouds}")
+        let bad = format!("{MINIMAL}{CLOUDS}")
             .replace("aktion_c4 = \"C4-1\"", "aktion_c4 = \"C4-9\"")
             .replace(
                 "api_key = \"k\"",
@@ -1733,6 +1739,78 @@ mod tests {
         ] {
             assert!(k.contains(&want.to_string()), "missing {want} in {k:?}");
         }
+    }
+
+    #[test]
+    fn person_refs_and_checktime_default_override_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cc", "ak", "pt"] {
+            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
+        }
+        let c = Config::parse(&format!("{MINIMAL}{CLOUDS}"), dir.path()).unwrap();
+        let pt = c.sinks.protime.as_ref().unwrap();
+        assert_eq!(pt.person_ref, ProtimePersonRef::BadgeNumber);
+        let cc = c.sources.crosschex.as_ref().unwrap();
+        assert_eq!(cc.checktime, CheckTime::Local, "the documented evidence");
+        assert_eq!(cc.protime_person_ref, None);
+        assert!(c.terminals.iter().all(|t| t.protime_person_ref.is_none()));
+
+        let set = format!("{MINIMAL}{CLOUDS}")
+            .replace(
+                "aktion_c4 = \"C4-1\"",
+                "aktion_c4 = \"C4-1\"\nprotime_person_ref = \"badge-number\"",
+            )
+            .replace(
+                "mirror = true",
+                "mirror = true\nperson_ref = \"@employee-number\"",
+            )
+            .replace(
+                "api_key = \"k\"",
+                "api_key = \"k\"\nchecktime = \"utc\"\nprotime_person_ref = \"employee-number\"",
+            )
+            .replace(
+                "user_login = \"u\"",
+                "user_login = \"u\"\nprotime_person_ref = \"employee-number\"",
+            );
+        let c = Config::parse(&set, dir.path()).unwrap();
+        let employee = Some(ProtimePersonRef::EmployeeNumber);
+        assert_eq!(
+            c.sinks.protime.as_ref().unwrap().person_ref,
+            ProtimePersonRef::EmployeeNumber,
+            "Protime's @ may be written"
+        );
+        let cc = c.sources.crosschex.as_ref().unwrap();
+        assert_eq!(
+            (cc.checktime, cc.protime_person_ref),
+            (CheckTime::Utc, employee)
+        );
+        assert_eq!(
+            c.sources.aktion.as_ref().unwrap().protime_person_ref,
+            employee
+        );
+        assert_eq!(
+            c.terminals[2].protime_person_ref,
+            Some(ProtimePersonRef::BadgeNumber)
+        );
+
+        let bad = set
+            .replace("\"@employee-number\"", "\"badge\"")
+            .replace("checktime = \"utc\"", "checktime = \"device\"")
+            .replace(
+                "protime_person_ref = \"badge-number\"",
+                "protime_person_ref = \"id\"",
+            );
+        let mut k = keys(Config::parse(&bad, dir.path()).unwrap_err());
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "sinks.protime.person_ref",
+                "sources.crosschex.checktime",
+                "terminals[2].protime_person_ref",
+            ],
+            "{k:?}"
+        );
     }
 
     #[test]

@@ -334,7 +334,10 @@ async fn assert_read_at(
 ) {
     let id = ClockingId::derive(SITE, "door-1", &r.workno, instant, Direction::Unknown).to_string();
     let got = rig.sub.collect_ids(&HashSet::from([id]), LONG).await;
-    let c = got.iter().find(|v| v["badge"] == r.workno.as_str()).unwrap();
+    let c = got
+        .iter()
+        .find(|v| v["badge"] == r.workno.as_str())
+        .unwrap();
     let at = chrono::DateTime::parse_from_rfc3339(c["occurred_at"].as_str().unwrap()).unwrap();
     assert_eq!(at, instant, "{c}");
 }

@@ -515,7 +515,11 @@ async fn employee_number_reference_is_sent_when_configured() {
     .await;
     wait_protime(api, agent, (0, 0)).await;
     let people = posted_people(fake);
-    assert_eq!(people.len(), 3, "the one in doubt was found, not posted again");
+    assert_eq!(
+        people.len(),
+        3,
+        "the one in doubt was found, not posted again"
+    );
     for (person, employee) in people.iter().zip(["E1", "E2", "E1"]) {
         assert_eq!(
             *person,
@@ -524,7 +528,11 @@ async fn employee_number_reference_is_sent_when_configured() {
     }
     let mut persons: Vec<i64> = ctl.clockings().iter().map(|c| c.person_id).collect();
     persons.sort();
-    assert_eq!(persons, [1, 1, 2], "E1 is person 1, E2 person 2; none twice");
+    assert_eq!(
+        persons,
+        [1, 1, 2],
+        "E1 is person 1, E2 person 2; none twice"
+    );
     let lookups: Vec<String> = ctl
         .wire()
         .log()

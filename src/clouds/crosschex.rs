@@ -938,6 +938,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn checktime_reading_local_or_utc_and_its_window_labels() {
+        let tz = chrono_tz::Europe::Brussels;
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("time");
+        // A card shown at 08:00 on the device in Brussels (summer, +02:00).
+        let instant = t("2026-07-02T08:00:00+02:00");
+        let local_label = at("2026-07-02 08:00:00");
+        let utc_label = at("2026-07-02 06:00:00");
+        assert_eq!(
+            checktime_instant(local_label, CheckTime::Local, tz),
+            instant
+        );
+        assert_eq!(checktime_instant(utc_label, CheckTime::Utc, tz), instant);
+        assert_eq!(
+            checktime_instant(utc_label, CheckTime::Utc, tz).offset(),
+            instant.offset(),
+            "shown in the account's zone"
+        );
+        let now = instant.with_timezone(&Utc);
+        assert_eq!(checktime_label(now, CheckTime::Local, tz), local_label);
+        assert_eq!(checktime_label(now, CheckTime::Utc, tz), utc_label);
+    }
+
+    #[test]
     fn records_parse_leniently_but_not_blindly() {
         let r = parse_record(
             &json!({"checktype":"56","checktime":"2022-07-20T20:15:05+00:00",

@@ -1441,6 +1441,39 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn an_employee_number_clocking_is_posted_and_looked_up_by_employee_number() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        // Person 1: badge 6767676, employee number E1.
+        let c = ProtimeClocking {
+            person: PersonRef::EmployeeNumber("E1".into()),
+            ..clocking("6767676", 480)
+        };
+        client.post_clocking(&c).await.expect("posted");
+        let posted = ctl.wire().log().last().cloned().expect("logged");
+        let body: Value = serde_json::from_str(&posted.body).expect("json");
+        assert_eq!(
+            body["person"],
+            serde_json::json!({"externalReferences": {"@employee-number": "E1"}})
+        );
+        assert_eq!(ctl.clockings()[0].person_id, 1);
+        let found = client.find_clocking(&c).await.expect("lookup");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].employee_number.as_deref(), Some("E1"));
+        let lookup = ctl.wire().log().last().cloned().expect("logged");
+        assert!(lookup.uri.contains("employee-number"), "{}", lookup.uri);
+        // Another person's employee number, or the badge value taken as one, is not a match.
+        for other in ["E2", "6767676"] {
+            let c = ProtimeClocking {
+                person: PersonRef::EmployeeNumber(other.into()),
+                ..c.clone()
+            };
+            assert_eq!(client.find_clocking(&c).await, Ok(vec![]), "{other}");
+        }
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn a_timeout_after_sending_is_an_answer_lost_too() {
         let (fake, ctl) = start().await;
         let client = client_for(

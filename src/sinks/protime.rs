@@ -161,7 +161,10 @@ impl PersonRefs {
         let by_source = [
             (
                 Source::Crosschex,
-                sources.crosschex.as_ref().and_then(|c| c.protime_person_ref),
+                sources
+                    .crosschex
+                    .as_ref()
+                    .and_then(|c| c.protime_person_ref),
             ),
             (
                 Source::Aktion,
@@ -499,6 +502,7 @@ pub fn configuration_problem(e: &CloudError, requested_scopes: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Direction;
     use chrono::NaiveDate;
 
     fn pc(date: &str, minutes: i32) -> ProtimeClocking {
@@ -521,6 +525,60 @@ mod tests {
             ..pc("2026-07-02", 30)
         };
         assert_ne!(k, clocking_key(&other_terminal));
+    }
+
+    fn clocking(terminal: &str, source: Source) -> Clocking {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-07-02T08:00:30+02:00").expect("time");
+        Clocking {
+            id: crate::model::ClockingId::derive("s", terminal, "4711", at, Direction::In),
+            site: "s".into(),
+            terminal: terminal.into(),
+            badge: "4711".into(),
+            person: None,
+            occurred_at: at,
+            direction: Direction::In,
+            status: crate::model::AccessStatus::AccessOk,
+            source,
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_person_reference_is_the_terminals_then_the_sources_then_the_sinks() {
+        use ProtimePersonRef::{BadgeNumber, EmployeeNumber};
+        let refs = PersonRefs {
+            default: BadgeNumber,
+            by_terminal: HashMap::from([("kiosk".to_owned(), BadgeNumber)]),
+            by_source: HashMap::from([(Source::Crosschex, EmployeeNumber)]),
+        };
+        let tz = chrono_tz::Europe::Brussels;
+        let person = |t, s| to_protime(&clocking(t, s), tz, &refs).person;
+        assert_eq!(
+            person("gate-1", Source::Http),
+            PersonRef::BadgeNumber("4711".into()),
+            "the sink's"
+        );
+        assert_eq!(
+            person("crosschex-SER", Source::Crosschex),
+            PersonRef::EmployeeNumber("4711".into()),
+            "the source's"
+        );
+        assert_eq!(
+            person("kiosk", Source::Crosschex),
+            PersonRef::BadgeNumber("4711".into()),
+            "the terminal's wins"
+        );
+        let pc = to_protime(&clocking("gate-1", Source::Http), tz, &refs);
+        assert_eq!(
+            (pc.date.to_string(), pc.time_of_day_in_minutes),
+            ("2026-07-02".into(), 480)
+        );
+        // One badge value under two references is two people to Protime: two keys.
+        let by_employee = ProtimeClocking {
+            person: PersonRef::EmployeeNumber("4711".into()),
+            ..pc.clone()
+        };
+        assert_ne!(clocking_key(&pc), clocking_key(&by_employee));
     }
 
     #[test]
