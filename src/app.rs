@@ -17,7 +17,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::model::Source;
 use crate::sinks::mqtt::MqttSink;
-use crate::sinks::protime::ProtimeSink;
+use crate::sinks::protime::{PersonRefs, ProtimeSink};
 use crate::sources::aktion::AktionSource;
 use crate::sources::crosschex::CrossChexSource;
 use crate::sources::protime::ProtimeMirror;
@@ -158,6 +158,7 @@ impl Agent {
             let sink = ProtimeSink::new(
                 client.clone(),
                 p.timezone,
+                PersonRefs::from_config(&config),
                 Duration::from_secs(p.retry_max_secs),
                 store.clone(),
                 writer_handle.clone(),

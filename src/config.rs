@@ -158,6 +158,9 @@ pub struct TerminalConfig {
     pub aktion_c4: Option<String>,
     /// Anviz: the connection password (command 0x04) sent before any other command.
     pub password: Option<Secret>,
+    /// Which Protime person reference this terminal's badges are (overrides the source's and
+    /// the sink's).
+    pub protime_person_ref: Option<ProtimePersonRef>,
 }
 
 /// Timing of a device link (anviz terminals).
@@ -248,6 +251,56 @@ pub struct ProtimeConfig {
     pub people_interval_secs: u64,
     /// The longest pause between delivery attempts while Protime fails (backoff from 1 s).
     pub retry_max_secs: u64,
+    /// Which person reference a clocking's badge is sent as, unless its terminal or source says
+    /// otherwise.
+    pub person_ref: ProtimePersonRef,
+}
+
+/// The Protime person external reference a clocking's badge value is sent (and looked up) as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtimePersonRef {
+    /// `@badge-number`: the badge a reader saw.
+    #[default]
+    BadgeNumber,
+    /// `@employee-number`: what a TC-B user id or a CrossChex `workno` often is.
+    EmployeeNumber,
+}
+
+impl ProtimePersonRef {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtimePersonRef::BadgeNumber => "badge-number",
+            ProtimePersonRef::EmployeeNumber => "employee-number",
+        }
+    }
+
+    /// Protime's predefined external reference name.
+    pub fn reference(self) -> &'static str {
+        match self {
+            ProtimePersonRef::BadgeNumber => "@badge-number",
+            ProtimePersonRef::EmployeeNumber => "@employee-number",
+        }
+    }
+
+    /// `badge-number` or `employee-number`, with or without Protime's `@`.
+    pub fn parse(s: &str) -> Option<ProtimePersonRef> {
+        match s.trim().trim_start_matches('@') {
+            "badge-number" => Some(ProtimePersonRef::BadgeNumber),
+            "employee-number" => Some(ProtimePersonRef::EmployeeNumber),
+            _ => None,
+        }
+    }
+}
+
+/// What the `+00:00` of a CrossChex `checktime` means (see docs/config.md for the evidence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckTime {
+    /// The label is the device's wall clock in `sources.crosschex.timezone`; `+00:00` is wrong.
+    #[default]
+    Local,
+    /// The label is UTC, as written.
+    Utc,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -269,6 +322,10 @@ pub struct CrossChexConfig {
     pub overlap_mins: u32,
     /// The first poll (no watermark yet) reads this far back.
     pub lookback_hours: u32,
+    /// How `checktime` (and the `begin_time`/`end_time` of a read) is read.
+    pub checktime: CheckTime,
+    /// Which Protime person reference a `workno` is (overrides the sink's).
+    pub protime_person_ref: Option<ProtimePersonRef>,
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +346,8 @@ pub struct AktionConfig {
     pub lookback_hours: u32,
     /// `EventCode` → status; codes are tenant-defined (default: 0 = `AccessOk`).
     pub event_codes: BTreeMap<i64, AccessStatus>,
+    /// Which Protime person reference a TC-B user id is (overrides the sink's).
+    pub protime_person_ref: Option<ProtimePersonRef>,
 }
 
 /// Checks of the contents of files the configuration names, for formats another module owns
@@ -529,6 +588,7 @@ struct RawTerminal {
     request_timeout_ms: Option<u64>,
     max_clock_drift_secs: Option<u32>,
     clock_sync_interval_secs: Option<u64>,
+    protime_person_ref: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -564,6 +624,7 @@ struct RawProtime {
     mirror_days: Option<u32>,
     people_interval_secs: Option<u64>,
     retry_max_secs: Option<u64>,
+    person_ref: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +637,8 @@ struct RawCrossChex {
     request_interval_ms: Option<u64>,
     overlap_mins: Option<u32>,
     lookback_hours: Option<u32>,
+    checktime: Option<String>,
+    protime_person_ref: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -590,6 +653,7 @@ struct RawAktion {
     timezone: Option<String>,
     lookback_hours: Option<u32>,
     event_codes: Option<BTreeMap<String, String>>,
+    protime_person_ref: Option<String>,
 }
 
 struct Validator {
@@ -672,6 +736,18 @@ impl Validator {
                 default
             }),
         }
+    }
+
+    fn person_ref(&mut self, key: &str, value: Option<String>) -> Option<ProtimePersonRef> {
+        let value = value?;
+        let parsed = ProtimePersonRef::parse(&value);
+        if parsed.is_none() {
+            self.problem(
+                key,
+                format!("{value:?} is not a person reference (expected \"badge-number\" or \"employee-number\")"),
+            );
+        }
+        parsed
     }
 
     fn required(&mut self, key: &str, value: Option<String>) -> String {
@@ -1095,6 +1171,8 @@ impl Validator {
                     self.problem(&k("password_file"), e.to_string());
                 }
             }
+            let protime_person_ref =
+                self.person_ref(&k("protime_person_ref"), t.protime_person_ref);
             let d = LinkTiming::default();
             let secs = |v: Option<u64>, default: std::time::Duration| {
                 v.map_or(default, std::time::Duration::from_secs)
@@ -1131,6 +1209,7 @@ impl Validator {
                 crosschex_serial,
                 aktion_c4,
                 password,
+                protime_person_ref,
             });
         }
         // One device belongs to one terminal.
@@ -1264,6 +1343,9 @@ impl Validator {
             60,
             1..=3600,
         );
+        let person_ref = self
+            .person_ref("sinks.protime.person_ref", raw.person_ref)
+            .unwrap_or_default();
         Some(ProtimeConfig {
             base_url,
             token_url,
@@ -1275,6 +1357,7 @@ impl Validator {
             mirror_days,
             people_interval_secs,
             retry_max_secs,
+            person_ref,
         })
     }
 
@@ -1307,6 +1390,23 @@ impl Validator {
             24,
             1..=8760,
         );
+        let checktime = match raw.checktime.as_deref().map(str::trim) {
+            None | Some("local") => CheckTime::Local,
+            Some("utc") => CheckTime::Utc,
+            Some(other) => {
+                self.problem(
+                    "sources.crosschex.checktime",
+                    format!(
+                        "{other:?} is not a reading of checktime (expected \"local\" or \"utc\")"
+                    ),
+                );
+                CheckTime::Local
+            }
+        };
+        let protime_person_ref = self.person_ref(
+            "sources.crosschex.protime_person_ref",
+            raw.protime_person_ref,
+        );
         Some(CrossChexConfig {
             base_url,
             api_key,
@@ -1316,6 +1416,8 @@ impl Validator {
             request_interval_ms,
             overlap_mins,
             lookback_hours,
+            checktime,
+            protime_person_ref,
         })
     }
 
@@ -1374,6 +1476,8 @@ impl Validator {
                 c4_controllers.push(c4);
             }
         }
+        let protime_person_ref =
+            self.person_ref("sources.aktion.protime_person_ref", raw.protime_person_ref);
         Some(AktionConfig {
             base_url,
             user_login,
@@ -1385,6 +1489,7 @@ impl Validator {
             timezone,
             lookback_hours,
             event_codes,
+            protime_person_ref,
         })
     }
 }
@@ -1549,13 +1654,8 @@ mod tests {
         assert_eq!(c.http.token.unwrap().expose(), "s3cret");
     }
 
-    #[test]
-    fn cloud_sources_and_their_terminals() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["cc", "ak", "pt"] {
-            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
-        }
-        let clouds = r#"
+    /// Two cloud sources, their terminals and the Protime sink (secrets in files cc, ak, pt).
+    const CLOUDS: &str = r#"
             [[terminals]]
             id = "door-cc"
             crosschex_serial = "1750120622290025"
@@ -1578,7 +1678,14 @@ mod tests {
             api_key_file = "ak"
             c4_controllers = ["C4-1", "C4-2"]
         "#;
-        let c = Config::parse(&format!("{MINIMAL}{clouds}"), dir.path()).unwrap();
+
+    #[test]
+    fn cloud_sources_and_their_terminals() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cc", "ak", "pt"] {
+            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
+        }
+        let c = Config::parse(&format!("{MINIMAL}{CLOUDS}"), dir.path()).unwrap();
         let cc = c.sources.crosschex.unwrap();
         assert_eq!(
             (
@@ -1609,7 +1716,7 @@ mod tests {
         );
         assert_eq!(c.terminals[2].aktion_c4.as_deref(), Some("C4-1"));
 
-        let bad = format!("{MINIMAL}{clouds}")
+        let bad = format!("{MINIMAL}{CLOUDS}")
             .replace("aktion_c4 = \"C4-1\"", "aktion_c4 = \"C4-9\"")
             .replace(
                 "api_key = \"k\"",
@@ -1632,6 +1739,78 @@ mod tests {
         ] {
             assert!(k.contains(&want.to_string()), "missing {want} in {k:?}");
         }
+    }
+
+    #[test]
+    fn person_refs_and_checktime_default_override_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["cc", "ak", "pt"] {
+            std::fs::write(dir.path().join(f), "s3cret\n").unwrap();
+        }
+        let c = Config::parse(&format!("{MINIMAL}{CLOUDS}"), dir.path()).unwrap();
+        let pt = c.sinks.protime.as_ref().unwrap();
+        assert_eq!(pt.person_ref, ProtimePersonRef::BadgeNumber);
+        let cc = c.sources.crosschex.as_ref().unwrap();
+        assert_eq!(cc.checktime, CheckTime::Local, "the documented evidence");
+        assert_eq!(cc.protime_person_ref, None);
+        assert!(c.terminals.iter().all(|t| t.protime_person_ref.is_none()));
+
+        let set = format!("{MINIMAL}{CLOUDS}")
+            .replace(
+                "aktion_c4 = \"C4-1\"",
+                "aktion_c4 = \"C4-1\"\nprotime_person_ref = \"badge-number\"",
+            )
+            .replace(
+                "mirror = true",
+                "mirror = true\nperson_ref = \"@employee-number\"",
+            )
+            .replace(
+                "api_key = \"k\"",
+                "api_key = \"k\"\nchecktime = \"utc\"\nprotime_person_ref = \"employee-number\"",
+            )
+            .replace(
+                "user_login = \"u\"",
+                "user_login = \"u\"\nprotime_person_ref = \"employee-number\"",
+            );
+        let c = Config::parse(&set, dir.path()).unwrap();
+        let employee = Some(ProtimePersonRef::EmployeeNumber);
+        assert_eq!(
+            c.sinks.protime.as_ref().unwrap().person_ref,
+            ProtimePersonRef::EmployeeNumber,
+            "Protime's @ may be written"
+        );
+        let cc = c.sources.crosschex.as_ref().unwrap();
+        assert_eq!(
+            (cc.checktime, cc.protime_person_ref),
+            (CheckTime::Utc, employee)
+        );
+        assert_eq!(
+            c.sources.aktion.as_ref().unwrap().protime_person_ref,
+            employee
+        );
+        assert_eq!(
+            c.terminals[2].protime_person_ref,
+            Some(ProtimePersonRef::BadgeNumber)
+        );
+
+        let bad = set
+            .replace("\"@employee-number\"", "\"badge\"")
+            .replace("checktime = \"utc\"", "checktime = \"device\"")
+            .replace(
+                "protime_person_ref = \"badge-number\"",
+                "protime_person_ref = \"id\"",
+            );
+        let mut k = keys(Config::parse(&bad, dir.path()).unwrap_err());
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "sinks.protime.person_ref",
+                "sources.crosschex.checktime",
+                "terminals[2].protime_person_ref",
+            ],
+            "{k:?}"
+        );
     }
 
     #[test]

@@ -298,15 +298,83 @@ async fn killed_mid_sync_it_resumes_from_its_watermark_without_gaps_or_duplicate
 
 /// `begin_time` of every getrecord the fake received, in order.
 fn begin_times(ctl: &CrossChexControl) -> Vec<NaiveDateTime> {
+    window_times(ctl, "begin_time")
+}
+
+/// `end_time` of every getrecord the fake received, in order.
+fn end_times(ctl: &CrossChexControl) -> Vec<NaiveDateTime> {
+    window_times(ctl, "end_time")
+}
+
+fn window_times(ctl: &CrossChexControl, field: &str) -> Vec<NaiveDateTime> {
     ctl.wire()
         .log()
         .iter()
         .filter(|r| r.endpoint == endpoint::GET_RECORD)
         .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
         .filter_map(|b| {
-            b["payload"]["begin_time"]
+            b["payload"][field]
                 .as_str()
                 .and_then(|t| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S+00:00").ok())
         })
         .collect()
+}
+
+/// A card shown `minutes` ago at the device: its wall clock then, and the instant.
+fn device_local_moment(minutes: i64) -> (NaiveDateTime, chrono::DateTime<chrono::FixedOffset>) {
+    let wall = minutes_ago(minutes);
+    (wall, local_to_instant(wall, TZ))
+}
+
+/// The one clocking of `r`, read as happening at `instant`, arrives with that instant.
+async fn assert_read_at(
+    rig: &mut CloudRig,
+    r: &Record,
+    instant: chrono::DateTime<chrono::FixedOffset>,
+) {
+    let id = ClockingId::derive(SITE, "door-1", &r.workno, instant, Direction::Unknown).to_string();
+    let got = rig.sub.collect_ids(&HashSet::from([id]), LONG).await;
+    let c = got
+        .iter()
+        .find(|v| v["badge"] == r.workno.as_str())
+        .unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(c["occurred_at"].as_str().unwrap()).unwrap();
+    assert_eq!(at, instant, "{c}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crosschex_checktime_local_is_read_in_the_device_zone() {
+    let (wall, instant) = device_local_moment(30);
+    // The account labels the device's wall clock "+00:00".
+    let r = record(CLAIMED, "21", wall);
+    let seeded = r.clone();
+    let (fake, mut rig) = rig(100, "checktime = \"local\"", |ctl| {
+        ctl.add_record(seeded);
+    })
+    .await;
+    assert_read_at(&mut rig, &r, instant).await;
+    // The read window is labelled on the same scale: it ends near the local wall clock now.
+    let ends = end_times(&fake.control());
+    let last = *ends.last().unwrap();
+    assert!((last - local_now()).num_minutes().abs() <= 1, "{last}");
+    assert!(rig.agent.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crosschex_checktime_utc_is_read_as_utc() {
+    let (_, instant) = device_local_moment(30);
+    // The account labels the same moment in UTC.
+    let label = instant.naive_utc();
+    let r = record(CLAIMED, "22", label);
+    let seeded = r.clone();
+    let (fake, mut rig) = rig(100, "checktime = \"utc\"", |ctl| {
+        ctl.add_record(seeded);
+    })
+    .await;
+    assert_read_at(&mut rig, &r, instant).await;
+    let ends = end_times(&fake.control());
+    let last = *ends.last().unwrap();
+    let utc_now = chrono::Utc::now().naive_utc();
+    assert!((last - utc_now).num_minutes().abs() <= 1, "{last}");
+    assert!(rig.agent.terminate().success());
 }

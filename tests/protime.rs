@@ -23,6 +23,12 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
+    rig_with("").await
+}
+
+/// `extra` goes first into the config, inside the `[[terminals]]` table of gate-2; the
+/// `[sinks.protime]` section follows it, then `sink_extra` inside that section.
+async fn rig_with_sink(extra: &str, sink_extra: &str) -> Rig {
     let mosquitto = Mosquitto::start();
     let fake = FakeProtime::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -38,7 +44,7 @@ async fn rig() -> Rig {
         external_code: "gate-2".into(),
     });
     let dir = tempfile::tempdir().unwrap();
-    let sink = protime_sink(dir.path(), &fake);
+    let sink = format!("{extra}{}{sink_extra}", protime_sink(dir.path(), &fake));
     let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &sink);
     Rig {
         _mosquitto: mosquitto,
@@ -47,6 +53,22 @@ async fn rig() -> Rig {
         agent,
         api: Api::new(),
     }
+}
+
+async fn rig_with(extra: &str) -> Rig {
+    rig_with_sink(extra, "").await
+}
+
+/// The `person` of every POST /clockings the fake received, in order.
+fn posted_people(fake: &FakeProtime) -> Vec<Value> {
+    fake.control()
+        .wire()
+        .log()
+        .into_iter()
+        .filter(|r| r.endpoint == endpoint::POST_CLOCKINGS)
+        .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .map(|b| b["person"].clone())
+        .collect()
 }
 
 async fn protime_queue(api: &Api, agent: &AgentProc) -> (u64, u64) {
@@ -471,4 +493,97 @@ async fn a_401_missing_scope_is_reported_as_configuration() {
     assert!(ctl.clockings().is_empty());
     // One attempt (and the one fresh login a 401 earns), then a slow retry, not a storm.
     assert_eq!(ctl.wire().count(endpoint::POST_CLOCKINGS), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn employee_number_reference_is_sent_when_configured() {
+    let rig = rig_with_sink("", "person_ref = \"employee-number\"\n").await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    let ctl = fake.control();
+    // The second POST is stored but its answer lost: the lookup must find it by employee number.
+    ctl.fail_post(2, PostFault::StoreThenAnswer(502));
+    api.post_all(
+        agent,
+        &[
+            clocking("gate-1", "E1", "2026-07-03T08:00:00+02:00", "in"),
+            clocking("gate-1", "E2", "2026-07-03T08:01:00+02:00", "in"),
+            clocking("gate-1", "E1", "2026-07-03T12:00:00+02:00", "out"),
+        ],
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    let people = posted_people(fake);
+    assert_eq!(
+        people.len(),
+        3,
+        "the one in doubt was found, not posted again"
+    );
+    for (person, employee) in people.iter().zip(["E1", "E2", "E1"]) {
+        assert_eq!(
+            *person,
+            serde_json::json!({"externalReferences": {"@employee-number": employee}})
+        );
+    }
+    let mut persons: Vec<i64> = ctl.clockings().iter().map(|c| c.person_id).collect();
+    persons.sort();
+    assert_eq!(
+        persons,
+        [1, 1, 2],
+        "E1 is person 1, E2 person 2; none twice"
+    );
+    let lookups: Vec<String> = ctl
+        .wire()
+        .log()
+        .into_iter()
+        .filter(|r| r.endpoint == endpoint::GET_CLOCKINGS)
+        .map(|r| r.uri)
+        .collect();
+    assert!(!lookups.is_empty());
+    for uri in &lookups {
+        assert!(
+            uri.contains("%40employee-number") || uri.contains("@employee-number"),
+            "the lookup asks for the reference it matches on: {uri}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_override_of_person_ref_wins() {
+    // gate-2 (a TC-B-style terminal whose "badge" is the employee number) overrides the sink.
+    let rig = rig_with_sink(
+        "protime_person_ref = \"employee-number\"\n",
+        "person_ref = \"badge-number\"\n",
+    )
+    .await;
+    let Rig {
+        fake, agent, api, ..
+    } = &rig;
+    api.post_all(
+        agent,
+        &[
+            clocking("gate-1", "4711", "2026-07-03T08:00:00+02:00", "in"),
+            clocking("gate-2", "E2", "2026-07-03T02:00:00-04:00", "in"),
+        ],
+    )
+    .await;
+    wait_protime(api, agent, (0, 0)).await;
+    let people = posted_people(fake);
+    assert!(
+        people.contains(&serde_json::json!({"externalReferences": {"@badge-number": "4711"}})),
+        "{people:?}"
+    );
+    assert!(
+        people.contains(&serde_json::json!({"externalReferences": {"@employee-number": "E2"}})),
+        "{people:?}"
+    );
+    let mut persons: Vec<i64> = fake
+        .control()
+        .clockings()
+        .iter()
+        .map(|c| c.person_id)
+        .collect();
+    persons.sort();
+    assert_eq!(persons, [1, 2]);
 }

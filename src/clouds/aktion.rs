@@ -1036,6 +1036,7 @@ pub(crate) mod tests {
             timezone: chrono_tz::Etc::GMTMinus1,
             lookback_hours: 24,
             event_codes: [(0, crate::model::AccessStatus::AccessOk)].into(),
+            protime_person_ref: None,
         }
     }
 

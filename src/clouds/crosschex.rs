@@ -15,7 +15,8 @@
 //! - `per_page` is capped silently (doc: ≤ 1000; live: 100–200): pages are read on the server's
 //!   `pageCount`, and the distinct total is checked against `count` (a mismatch re-reads the
 //!   window once, then fails as Incomplete), see [`CrossChexClient::get_records`].
-//! - `checktime` says `+00:00` but is the device's LOCAL wall clock: see [`reinterpret_checktime`].
+//! - `checktime` says `+00:00` but is, on the accounts documented so far, the device's LOCAL wall
+//!   clock: read as `sources.crosschex.checktime` says, see [`checktime_instant`].
 //! - `checktype` is the verification mode (card, face...), never a direction.
 
 use std::collections::HashSet;
@@ -33,7 +34,7 @@ use super::http::{
     base_url, by_status, skipped_item, Answer, Api, CloudError, ErrorKind, Http, HttpOptions,
     IssuedToken, TokenCache, VendorAnswer, Verdict,
 };
-use crate::config::{CrossChexConfig, Secret};
+use crate::config::{CheckTime, CrossChexConfig, Secret};
 use crate::model::local_to_instant;
 
 /// Records asked for per page. Live servers cap at 100–200 whatever is asked; asking for what
@@ -60,7 +61,7 @@ pub struct CrossChexRecord {
     /// The verification mode (1 ID+PW, 56 card, 128/192 face/FP...; 0 on some accounts). NOT a
     /// direction.
     pub checktype: i64,
-    /// `checktime` as labelled, its offset dropped: the device's local wall clock.
+    /// `checktime` as labelled, its offset dropped (see [`checktime_instant`]).
     pub checktime: NaiveDateTime,
     pub device_serial: String,
     pub device_name: Option<String>,
@@ -95,9 +96,32 @@ impl CrossChexRecord {
         }
     }
 
-    /// The instant of the record, reading `checktime` in the account's time zone `tz`.
-    pub fn occurred_at(&self, tz: Tz) -> DateTime<FixedOffset> {
-        local_to_instant(self.checktime, tz)
+    /// The instant of the record, its `checktime` read as `reading` says (`tz`: the account's).
+    pub fn occurred_at(&self, reading: CheckTime, tz: Tz) -> DateTime<FixedOffset> {
+        checktime_instant(self.checktime, reading, tz)
+    }
+}
+
+/// The instant a `checktime` label (its `+00:00` dropped) stands for: the device's wall clock in
+/// `tz` ([`CheckTime::Local`], DST as [`crate::model::local_to_instant`]), or UTC as written
+/// ([`CheckTime::Utc`]). Either way the instant is given with `tz`'s offset.
+pub fn checktime_instant(
+    label: NaiveDateTime,
+    reading: CheckTime,
+    tz: Tz,
+) -> DateTime<FixedOffset> {
+    match reading {
+        CheckTime::Local => local_to_instant(label, tz),
+        CheckTime::Utc => label.and_utc().with_timezone(&tz).fixed_offset(),
+    }
+}
+
+/// How the account labels the instant `now`: the scale `checktime`, `begin_time` and
+/// `end_time` share (the inverse of [`checktime_instant`]).
+pub fn checktime_label(now: DateTime<Utc>, reading: CheckTime, tz: Tz) -> NaiveDateTime {
+    match reading {
+        CheckTime::Local => now.with_timezone(&tz).naive_local(),
+        CheckTime::Utc => now.naive_utc(),
     }
 }
 
@@ -566,6 +590,8 @@ pub(crate) mod tests {
             request_interval_ms: 15_000,
             overlap_mins: 120,
             lookback_hours: 24,
+            checktime: crate::config::CheckTime::Local,
+            protime_person_ref: None,
         }
     }
 
@@ -909,6 +935,29 @@ pub(crate) mod tests {
             Some(local_to_instant(at("2026-03-29 02:30:00"), tz))
         );
         assert_eq!(reinterpret_checktime("yesterday", tz), None);
+    }
+
+    #[test]
+    fn checktime_reading_local_or_utc_and_its_window_labels() {
+        let tz = chrono_tz::Europe::Brussels;
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("time");
+        // A card shown at 08:00 on the device in Brussels (summer, +02:00).
+        let instant = t("2026-07-02T08:00:00+02:00");
+        let local_label = at("2026-07-02 08:00:00");
+        let utc_label = at("2026-07-02 06:00:00");
+        assert_eq!(
+            checktime_instant(local_label, CheckTime::Local, tz),
+            instant
+        );
+        assert_eq!(checktime_instant(utc_label, CheckTime::Utc, tz), instant);
+        assert_eq!(
+            checktime_instant(utc_label, CheckTime::Utc, tz).offset(),
+            instant.offset(),
+            "shown in the account's zone"
+        );
+        let now = instant.with_timezone(&Utc);
+        assert_eq!(checktime_label(now, CheckTime::Local, tz), local_label);
+        assert_eq!(checktime_label(now, CheckTime::Utc, tz), utc_label);
     }
 
     #[test]

@@ -61,11 +61,17 @@ const CALL_ACCESS_INITIAL: &str = "GET /access-clockings?delta";
 const CALL_ACCESS_DELTA: &str = "GET /delta/access-clockings";
 const CALL_PEOPLE: &str = "GET /people";
 
-/// Who clocked: Protime's internal id, or the `@badge-number` external reference.
+/// The external references the duplicate check asks for when the person is named by
+/// `@employee-number`: the listed clockings must carry the reference they are matched on.
+const EXTERNAL_REFERENCES_BY_EMPLOYEE: &str = "(people,@employee-number)(terminals,@external-code)";
+
+/// Who clocked: Protime's internal id, or a predefined external reference of the person
+/// (`@badge-number`, `@employee-number`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PersonRef {
     Id(i64),
     BadgeNumber(String),
+    EmployeeNumber(String),
 }
 
 /// Where: Protime's internal terminal id, or its `@external-code`.
@@ -122,6 +128,8 @@ pub struct RemoteClocking {
     pub id: i64,
     pub person_id: Option<i64>,
     pub badge_number: Option<String>,
+    /// Present only when the listing asked for `(people,@employee-number)`.
+    pub employee_number: Option<String>,
     pub date: NaiveDate,
     pub time_of_day_in_minutes: i32,
     /// The minute as first registered, present only when someone edited the clocking.
@@ -358,8 +366,10 @@ impl ProtimeClient {
     /// are listed by Protime and counted: they were stored. Two clockings of one badge in one
     /// minute are identical here, so the caller counts matches (see the Protime sink).
     ///
-    /// With a [`PersonRef::Id`] the filter names the person; with a badge number it lists the
-    /// days and matches the `@badge-number` reference. Follows `nextLink` across empty pages.
+    /// With a [`PersonRef::Id`] the filter names the person; with an external reference it lists
+    /// the days, asks for that same reference (`@badge-number` or `@employee-number`) and
+    /// matches on it: a clocking posted by employee number is found by employee number. Follows
+    /// `nextLink` across empty pages.
     pub async fn find_clocking(
         &self,
         c: &ProtimeClocking,
@@ -370,12 +380,18 @@ impl ProtimeClient {
             PersonRef::Id(id) => {
                 format!("person in ({id}) and date ge '{from}' and date le '{to}'")
             }
-            PersonRef::BadgeNumber(_) => format!("date ge '{from}' and date le '{to}'"),
+            PersonRef::BadgeNumber(_) | PersonRef::EmployeeNumber(_) => {
+                format!("date ge '{from}' and date le '{to}'")
+            }
+        };
+        let references = match &c.person {
+            PersonRef::EmployeeNumber(_) => EXTERNAL_REFERENCES_BY_EMPLOYEE,
+            PersonRef::Id(_) | PersonRef::BadgeNumber(_) => EXTERNAL_REFERENCES,
         };
         let mut url = self.url("clockings")?;
         url.query_pairs_mut()
             .append_pair("filter", &filter)
-            .append_pair("externalReferences", EXTERNAL_REFERENCES);
+            .append_pair("externalReferences", references);
         let mut found = Vec::new();
         let mut bad = None;
         self.list(
@@ -744,6 +760,8 @@ pub(crate) struct Page {
 struct ExtRefs {
     #[serde(rename = "@badge-number")]
     badge_number: Option<String>,
+    #[serde(rename = "@employee-number")]
+    employee_number: Option<String>,
     #[serde(rename = "@external-code")]
     external_code: Option<String>,
 }
@@ -813,6 +831,9 @@ impl From<&ProtimeClocking> for ClockingBody {
                 PersonRef::BadgeNumber(b) => {
                     serde_json::json!({ "externalReferences": { "@badge-number": b } })
                 }
+                PersonRef::EmployeeNumber(n) => {
+                    serde_json::json!({ "externalReferences": { "@employee-number": n } })
+                }
             },
             date: c.date.format("%Y-%m-%d").to_string(),
             time_of_day_in_minutes: c.time_of_day_in_minutes,
@@ -845,6 +866,7 @@ pub(crate) fn parse_clocking(item: &Value) -> Result<RemoteClocking, String> {
         id: c.id,
         person_id: person.id,
         badge_number: person.external_references.badge_number,
+        employee_number: person.external_references.employee_number,
         date: c.date,
         time_of_day_in_minutes: c.time_of_day_in_minutes,
         original_time_of_day_in_minutes: c.original_time_of_day_in_minutes,
@@ -859,6 +881,7 @@ fn is_same_clocking(c: &ProtimeClocking, r: &RemoteClocking) -> bool {
     let person = match &c.person {
         PersonRef::Id(id) => r.person_id == Some(*id),
         PersonRef::BadgeNumber(b) => r.badge_number.as_deref() == Some(b.as_str()),
+        PersonRef::EmployeeNumber(n) => r.employee_number.as_deref() == Some(n.as_str()),
     };
     let terminal = match &c.terminal {
         None => true,
@@ -958,6 +981,7 @@ pub(crate) mod tests {
             mirror_days: 7,
             people_interval_secs: 3600,
             retry_max_secs: 60,
+            person_ref: crate::config::ProtimePersonRef::BadgeNumber,
         }
     }
 
@@ -1413,6 +1437,39 @@ pub(crate) mod tests {
         assert_eq!(client.find_clocking(&by_id).await.expect("by id").len(), 1);
         let last = ctl.wire().log().last().cloned().expect("logged");
         assert!(last.uri.contains("person+in+%281%29"), "{}", last.uri);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_employee_number_clocking_is_posted_and_looked_up_by_employee_number() {
+        let (fake, ctl) = start().await;
+        let client = client_for(&fake, fast_options());
+        // Person 1: badge 6767676, employee number E1.
+        let c = ProtimeClocking {
+            person: PersonRef::EmployeeNumber("E1".into()),
+            ..clocking("6767676", 480)
+        };
+        client.post_clocking(&c).await.expect("posted");
+        let posted = ctl.wire().log().last().cloned().expect("logged");
+        let body: Value = serde_json::from_str(&posted.body).expect("json");
+        assert_eq!(
+            body["person"],
+            serde_json::json!({"externalReferences": {"@employee-number": "E1"}})
+        );
+        assert_eq!(ctl.clockings()[0].person_id, 1);
+        let found = client.find_clocking(&c).await.expect("lookup");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].employee_number.as_deref(), Some("E1"));
+        let lookup = ctl.wire().log().last().cloned().expect("logged");
+        assert!(lookup.uri.contains("employee-number"), "{}", lookup.uri);
+        // Another person's employee number, or the badge value taken as one, is not a match.
+        for other in ["E2", "6767676"] {
+            let c = ProtimeClocking {
+                person: PersonRef::EmployeeNumber(other.into()),
+                ..c.clone()
+            };
+            assert_eq!(client.find_clocking(&c).await, Ok(vec![]), "{other}");
+        }
         fake.shutdown().await;
     }
 

@@ -363,7 +363,12 @@ pub fn crosschex_answer(data: &[u8]) {
             for r in &page.list {
                 assert!(!r.device_serial.is_empty() && !r.workno.is_empty(), "{r:?}");
                 let _ = r.key();
-                let _ = r.occurred_at(chrono_tz::Europe::Brussels);
+                for reading in [
+                    crate::config::CheckTime::Local,
+                    crate::config::CheckTime::Utc,
+                ] {
+                    let _ = r.occurred_at(reading, chrono_tz::Europe::Brussels);
+                }
             }
         }
     }

@@ -1,5 +1,11 @@
 //! Protime sink: each clocking becomes a `POST /clockings` (kind InOut, the tenant's wall clock,
-//! person by `@badge-number`, terminal by `@external-code`), confirmed to the store on 201/202.
+//! person by an external reference, terminal by `@external-code`), confirmed to the store on
+//! 201/202.
+//!
+//! The person is the clocking's badge value, sent as `@badge-number` or `@employee-number`
+//! ([`PersonRefs`]): the terminal's `protime_person_ref` wins, then its source's (a TC-B user id
+//! or a CrossChex `workno` is often the employee number), then `sinks.protime.person_ref`. The
+//! duplicate lookup below asks for and matches on the same reference kind as the POST.
 //!
 //! Protime has no idempotency key, so a POST may have landed although no success came back: the
 //! answer was lost, the request timed out, the connection was reset, or whatever sits in front of
@@ -27,7 +33,7 @@
 //! problem, not the clocking's: the queue waits, retrying every [`CONFIG_RETRY`], and the error
 //! names the scope to grant (logged at error, and shown as Protime's last error in `status`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +50,9 @@ use crate::clouds::protime::{
     CALL_TOKEN,
 };
 use crate::clouds::{CloudError, ErrorKind};
+use crate::config::{Config, ProtimePersonRef};
 use crate::metrics::Metrics;
-use crate::model::Clocking;
+use crate::model::{Clocking, Source};
 use crate::store::{Change, SinkId, Store, StoreError, WriterHandle};
 
 /// State key of the [`Ledger`] (postcard).
@@ -109,6 +116,7 @@ pub fn clocking_key(pc: &ProtimeClocking) -> ClockingKey {
     match &pc.person {
         PersonRef::Id(id) => h.update(format!("person-id:{id}")),
         PersonRef::BadgeNumber(b) => h.update(format!("badge:{b}")),
+        PersonRef::EmployeeNumber(n) => h.update(format!("employee:{n}")),
     }
     h.update([0x1f]);
     match &pc.terminal {
@@ -125,9 +133,75 @@ pub fn clocking_key(pc: &ProtimeClocking) -> ClockingKey {
     key
 }
 
+/// Which person reference each clocking's badge is sent as: the terminal's setting, else its
+/// source's, else the sink's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersonRefs {
+    pub default: ProtimePersonRef,
+    pub by_terminal: HashMap<String, ProtimePersonRef>,
+    pub by_source: HashMap<Source, ProtimePersonRef>,
+}
+
+impl PersonRefs {
+    /// `sinks.protime.person_ref`, `terminals[].protime_person_ref` and
+    /// `sources.{crosschex,aktion}.protime_person_ref`.
+    pub fn from_config(config: &Config) -> PersonRefs {
+        let default = config
+            .sinks
+            .protime
+            .as_ref()
+            .map(|p| p.person_ref)
+            .unwrap_or_default();
+        let by_terminal = config
+            .terminals
+            .iter()
+            .filter_map(|t| Some((t.id.clone(), t.protime_person_ref?)))
+            .collect();
+        let sources = &config.sources;
+        let by_source = [
+            (
+                Source::Crosschex,
+                sources
+                    .crosschex
+                    .as_ref()
+                    .and_then(|c| c.protime_person_ref),
+            ),
+            (
+                Source::Aktion,
+                sources.aktion.as_ref().and_then(|a| a.protime_person_ref),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(source, r)| Some((source, r?)))
+        .collect();
+        PersonRefs {
+            default,
+            by_terminal,
+            by_source,
+        }
+    }
+
+    pub fn kind_for(&self, c: &Clocking) -> ProtimePersonRef {
+        self.by_terminal
+            .get(&c.terminal)
+            .or_else(|| self.by_source.get(&c.source))
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// The person of `c` as Protime is told (and asked about) it.
+    pub fn person(&self, c: &Clocking) -> PersonRef {
+        match self.kind_for(c) {
+            ProtimePersonRef::BadgeNumber => PersonRef::BadgeNumber(c.badge.clone()),
+            ProtimePersonRef::EmployeeNumber => PersonRef::EmployeeNumber(c.badge.clone()),
+        }
+    }
+}
+
 pub struct ProtimeSink {
     client: ProtimeClient,
     tz: Tz,
+    person_refs: PersonRefs,
     retry_max: Duration,
     store: Arc<Store>,
     writer: WriterHandle,
@@ -137,11 +211,12 @@ pub struct ProtimeSink {
     legacy_mark: bool,
 }
 
-/// What Protime gets for a clocking: date and minute of day in the tenant's zone.
-pub fn to_protime(c: &Clocking, tenant_tz: Tz) -> ProtimeClocking {
+/// What Protime gets for a clocking: the person by the reference `refs` names for it, date and
+/// minute of day in the tenant's zone.
+pub fn to_protime(c: &Clocking, tenant_tz: Tz, refs: &PersonRefs) -> ProtimeClocking {
     let local = c.occurred_at.with_timezone(&tenant_tz);
     ProtimeClocking {
-        person: PersonRef::BadgeNumber(c.badge.clone()),
+        person: refs.person(c),
         date: local.date_naive(),
         time_of_day_in_minutes: (local.hour() * 60 + local.minute()) as i32,
         kind: ClockingKind::InOut,
@@ -153,6 +228,7 @@ impl ProtimeSink {
     pub fn new(
         client: ProtimeClient,
         tz: Tz,
+        person_refs: PersonRefs,
         retry_max: Duration,
         store: Arc<Store>,
         writer: WriterHandle,
@@ -183,6 +259,7 @@ impl ProtimeSink {
         ProtimeSink {
             client,
             tz,
+            person_refs,
             retry_max,
             store,
             writer,
@@ -266,7 +343,7 @@ impl ProtimeSink {
 
     /// Deliver one clocking. Err carries how long to wait before trying again (None: backoff).
     async fn deliver(&mut self, seq: u64, c: &Clocking) -> Result<(), Option<Duration>> {
-        let pc = to_protime(c, self.tz);
+        let pc = to_protime(c, self.tz, &self.person_refs);
         let key = clocking_key(&pc);
         if self.ledger.delivered(seq) {
             // Recorded as delivered, but the agent stopped before the store confirmed it.
@@ -425,6 +502,7 @@ pub fn configuration_problem(e: &CloudError, requested_scopes: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Direction;
     use chrono::NaiveDate;
 
     fn pc(date: &str, minutes: i32) -> ProtimeClocking {
@@ -447,6 +525,60 @@ mod tests {
             ..pc("2026-07-02", 30)
         };
         assert_ne!(k, clocking_key(&other_terminal));
+    }
+
+    fn clocking(terminal: &str, source: Source) -> Clocking {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-07-02T08:00:30+02:00").expect("time");
+        Clocking {
+            id: crate::model::ClockingId::derive("s", terminal, "4711", at, Direction::In),
+            site: "s".into(),
+            terminal: terminal.into(),
+            badge: "4711".into(),
+            person: None,
+            occurred_at: at,
+            direction: Direction::In,
+            status: crate::model::AccessStatus::AccessOk,
+            source,
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_person_reference_is_the_terminals_then_the_sources_then_the_sinks() {
+        use ProtimePersonRef::{BadgeNumber, EmployeeNumber};
+        let refs = PersonRefs {
+            default: BadgeNumber,
+            by_terminal: HashMap::from([("kiosk".to_owned(), BadgeNumber)]),
+            by_source: HashMap::from([(Source::Crosschex, EmployeeNumber)]),
+        };
+        let tz = chrono_tz::Europe::Brussels;
+        let person = |t, s| to_protime(&clocking(t, s), tz, &refs).person;
+        assert_eq!(
+            person("gate-1", Source::Http),
+            PersonRef::BadgeNumber("4711".into()),
+            "the sink's"
+        );
+        assert_eq!(
+            person("crosschex-SER", Source::Crosschex),
+            PersonRef::EmployeeNumber("4711".into()),
+            "the source's"
+        );
+        assert_eq!(
+            person("kiosk", Source::Crosschex),
+            PersonRef::BadgeNumber("4711".into()),
+            "the terminal's wins"
+        );
+        let pc = to_protime(&clocking("gate-1", Source::Http), tz, &refs);
+        assert_eq!(
+            (pc.date.to_string(), pc.time_of_day_in_minutes),
+            ("2026-07-02".into(), 480)
+        );
+        // One badge value under two references is two people to Protime: two keys.
+        let by_employee = ProtimeClocking {
+            person: PersonRef::EmployeeNumber("4711".into()),
+            ..pc.clone()
+        };
+        assert_ne!(clocking_key(&pc), clocking_key(&by_employee));
     }
 
     #[test]

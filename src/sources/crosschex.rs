@@ -1,15 +1,16 @@
 //! CrossChex Cloud source: attendance records become clockings with `source: "crosschex"`.
 //!
-//! - **Watermark with an overlap.** The store holds how far the records are read (`through`, the
-//!   account's local wall clock, which is what the server compares). Each poll reads
+//! - **Watermark with an overlap.** The store holds how far the records are read (`through`, in
+//!   the account's `checktime` labels, which is what the server compares). Each poll reads
 //!   `[through - overlap, now]`: devices upload late, so the overlap is read again, and the
 //!   records of it already stored are recognised by their key (`uuid` when the account sends one,
 //!   else device serial, workno, checktime and checktype) and not submitted again. The new
 //!   watermark and those keys are committed with the clockings, in one transaction.
 //! - **Bounded steps.** A long gap (first start, an outage of days) is read in windows of at
 //!   most [`MAX_WINDOW`], each committed on its own, so a restart resumes where it stopped.
-//! - **Time.** `checktime` says `+00:00` but is the device's wall clock: it is read in
-//!   `sources.crosschex.timezone`.
+//! - **Time.** `checktime` says `+00:00`; `sources.crosschex.checktime` says what it is: the
+//!   device's wall clock in `sources.crosschex.timezone` (`local`, the default) or UTC (`utc`).
+//!   The window's bounds are labelled the same way.
 //! - **Identity.** The badge is the employee's `workno`; the terminal is the one claiming the
 //!   device's serial (`terminals[].crosschex_serial`), else `crosschex-<serial>`. CrossChex has
 //!   no direction (`checktype` is the verification mode): `unknown`, or the terminal's fixed
@@ -27,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{direction, skip, store, Poller, Round, SourceError, Terminals};
-use crate::clouds::crosschex::{CrossChexClient, CrossChexRecord, RecordKey};
+use crate::clouds::crosschex::{checktime_label, CrossChexClient, CrossChexRecord, RecordKey};
 use crate::clouds::{CloudError, HttpOptions};
-use crate::config::{Config, CrossChexConfig};
+use crate::config::{CheckTime, Config, CrossChexConfig};
 use crate::ingest::Ingest;
 use crate::metrics::SourceHealth;
 use crate::model::{valid_badge, Direction, NewClocking, Source};
@@ -89,6 +90,7 @@ impl Cursor {
 pub struct CrossChexSource {
     client: CrossChexClient,
     tz: Tz,
+    reading: CheckTime,
     overlap: chrono::Duration,
     lookback: chrono::Duration,
     poll_every: Duration,
@@ -122,6 +124,7 @@ impl CrossChexSource {
         Ok(CrossChexSource {
             client: CrossChexClient::new(cfg, http_options(cfg))?,
             tz: cfg.timezone,
+            reading: cfg.checktime,
             overlap: chrono::Duration::minutes(i64::from(cfg.overlap_mins)),
             lookback: chrono::Duration::hours(i64::from(cfg.lookback_hours)),
             poll_every: Duration::from_secs(cfg.poll_interval_secs),
@@ -171,7 +174,7 @@ impl CrossChexSource {
         Some(NewClocking {
             terminal,
             badge: badge.to_owned(),
-            occurred_at: r.occurred_at(self.tz),
+            occurred_at: r.occurred_at(self.reading, self.tz),
             direction: direction(Direction::Unknown, fixed),
             status: None,
             person: None,
@@ -182,7 +185,7 @@ impl CrossChexSource {
 
 impl Poller for CrossChexSource {
     async fn poll(&mut self) -> Result<Round, SourceError> {
-        let now = Utc::now().with_timezone(&self.tz).naive_local();
+        let now = checktime_label(Utc::now(), self.reading, self.tz);
         let cursor = match self.cursor.take() {
             Some(c) => c,
             None => self.load_cursor(now)?,

@@ -742,6 +742,7 @@ mod tests {
             crosschex_serial: None,
             aktion_c4: None,
             password: None,
+            protime_person_ref: None,
         }
     }
 
