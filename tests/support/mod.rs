@@ -187,7 +187,7 @@ pub fn protime_sink(dir: &Path, fake: &badgegate::kit::fakes::protime::FakeProti
     )
     .unwrap();
     format!(
-        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
+        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nallow_insecure_http = true\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
         fake.base_url(),
         fake.token_url()
     )
