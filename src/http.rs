@@ -960,4 +960,25 @@ mod tests {
         let off = RateLimiter::new(0);
         assert!((0..1000).all(|_| off.check(remote, t0).is_none()));
     }
+
+    #[test]
+    fn the_client_map_stays_bounded_when_every_client_is_draining() {
+        let limiter = RateLimiter::new(1);
+        let t0 = Instant::now();
+        // Each client spends a token, so no bucket is full and none is forgotten for being idle.
+        for i in 0..(super::MAX_TRACKED_CLIENTS as u32 * 3) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let at = t0 + Duration::from_micros(u64::from(i));
+            assert!(limiter.check(ip, at).is_none());
+        }
+        let tracked = limiter.buckets.lock().unwrap().len();
+        assert!(tracked <= super::MAX_TRACKED_CLIENTS, "{tracked} clients tracked");
+        // The most recent client is still remembered (and limited).
+        let last = IpAddr::from(std::net::Ipv4Addr::from(
+            0x0a00_0000 + super::MAX_TRACKED_CLIENTS as u32 * 3 - 1,
+        ));
+        let later = t0 + Duration::from_millis(40);
+        assert!(limiter.check(last, later).is_none());
+        assert!(limiter.check(last, later).is_some(), "its bucket was kept");
+    }
 }

@@ -238,6 +238,25 @@ impl AgentProc {
         a
     }
 
+    /// Like [`start`](Self::start), with `http_extra` lines in the `[http]` section.
+    pub fn start_with_http(dir: &Path, mqtt_url: &str, http_extra: &str) -> AgentProc {
+        let data_dir = dir.join("data");
+        let config_path = dir.join("badgegate.toml");
+        let port = free_port();
+        let text = agent_config(&data_dir, port, mqtt_url, "", "")
+            .replace("[http]\n", &format!("[http]\n{http_extra}\n"));
+        std::fs::write(&config_path, text).unwrap();
+        let mut a = AgentProc {
+            http: SocketAddr::from(([127, 0, 0, 1], port)),
+            config_path,
+            data_dir,
+            child: None,
+            log_filter: "badgegate=debug",
+        };
+        a.spawn();
+        a
+    }
+
     /// The agent as a gateway runs it, for the benchmarks: the default MQTT in-flight window
     /// (the tests' config shrinks it to 64) and `info` logging instead of the tests' `debug`.
     pub fn start_as_deployed(dir: &Path, mqtt_url: &str) -> AgentProc {
