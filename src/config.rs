@@ -1651,7 +1651,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), "s3cret\n").unwrap();
         let check = |scheme: &str, extra: &str| {
-            Config::parse(&format!("{MINIMAL}{}", clouds_over(scheme, extra)), dir.path())
+            Config::parse(
+                &format!("{MINIMAL}{}", clouds_over(scheme, extra)),
+                dir.path(),
+            )
         };
         assert!(check("https", "").is_ok());
         let err = check("http", "").unwrap_err();
@@ -1673,8 +1676,9 @@ mod tests {
         // The flag allows plain HTTP, nothing else.
         let err = check("ftp", "allow_insecure_http = true").unwrap_err();
         assert!(
-            err.to_string()
-                .contains(r#"sources.aktion.base_url: "ftp://cloud.aktion.cz/api/" is not an https:// URL"#),
+            err.to_string().contains(
+                r#"sources.aktion.base_url: "ftp://cloud.aktion.cz/api/" is not an https:// URL"#
+            ),
             "{err}"
         );
     }

@@ -267,7 +267,11 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// The whole body within `http.body_timeout_secs` (a client trickling a body holds a connection
 /// and a request slot), at most `http.max_body_bytes`.
-async fn read_body(body: Body, headers: &HeaderMap, http: &HttpConfig) -> Result<Vec<u8>, ApiError> {
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    http: &HttpConfig,
+) -> Result<Vec<u8>, ApiError> {
     let limit = http.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -905,8 +909,10 @@ fn connection_service(
                     "this connection is being closed; send the request on a new connection",
                 )
                 .into_response();
-                r.headers_mut()
-                    .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
                 return Ok(r);
             }
             let mut req = req.map(Body::new);
@@ -972,7 +978,10 @@ mod tests {
             assert!(limiter.check(ip, at).is_none());
         }
         let tracked = limiter.buckets.lock().unwrap().len();
-        assert!(tracked <= super::MAX_TRACKED_CLIENTS, "{tracked} clients tracked");
+        assert!(
+            tracked <= super::MAX_TRACKED_CLIENTS,
+            "{tracked} clients tracked"
+        );
         // The most recent client is still remembered (and limited).
         let last = IpAddr::from(std::net::Ipv4Addr::from(
             0x0a00_0000 + super::MAX_TRACKED_CLIENTS as u32 * 3 - 1,

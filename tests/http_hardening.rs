@@ -53,7 +53,10 @@ async fn two_thousand_idle_sockets_do_not_starve_health_and_ingest() {
     let wanted = 2000;
     let sockets = match open_files_limit() {
         Some(limit) if limit < wanted + 200 => {
-            eprintln!("RLIMIT_NOFILE is {limit}: opening {} idle sockets", limit - 200);
+            eprintln!(
+                "RLIMIT_NOFILE is {limit}: opening {} idle sockets",
+                limit - 200
+            );
             limit.saturating_sub(200)
         }
         _ => wanted,
