@@ -248,19 +248,11 @@ impl Agent {
             access: access.clone(),
             limiter: Arc::new(http::RateLimiter::new(config.http.rate_limit_per_sec)),
         };
-        let mut stop = shutdown_rx.clone();
-        let http_task = tokio::spawn(async move {
-            let serve = axum::serve(
-                listener,
-                http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let router = http::router(state);
+        let stop = shutdown_rx.clone();
+        let http_config = config.http.clone();
+        let http_task =
+            tokio::spawn(async move { http::serve(listener, router, &http_config, stop).await });
         tracing::info!(
             site = %config.agent.site,
             http = %http_addr,

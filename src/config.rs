@@ -104,6 +104,13 @@ pub struct HttpConfig {
     /// Requests per second allowed from each client on another host (0: no limit). Loopback
     /// clients are local processes and are not limited.
     pub rate_limit_per_sec: u32,
+    /// A connection must deliver a request's headers this soon after it went quiet (slowloris).
+    pub header_timeout: std::time::Duration,
+    /// A request body must arrive completely this soon after its headers.
+    pub body_timeout: std::time::Duration,
+    /// Connections served at once; at the cap the oldest connection without a request in
+    /// progress is closed to make room (see `http::serve`).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -551,6 +558,9 @@ struct RawHttp {
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
     rate_limit_per_sec: Option<u32>,
+    header_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -616,6 +626,7 @@ struct RawZone {
 struct RawProtime {
     base_url: Option<String>,
     token_url: Option<String>,
+    allow_insecure_http: Option<bool>,
     client_id: Option<String>,
     client_secret_file: Option<PathBuf>,
     timezone: Option<String>,
@@ -630,6 +641,7 @@ struct RawProtime {
 #[derive(Deserialize)]
 struct RawCrossChex {
     base_url: Option<String>,
+    allow_insecure_http: Option<bool>,
     api_key: Option<String>,
     api_secret_file: Option<PathBuf>,
     timezone: Option<String>,
@@ -644,6 +656,7 @@ struct RawCrossChex {
 #[derive(Deserialize)]
 struct RawAktion {
     base_url: Option<String>,
+    allow_insecure_http: Option<bool>,
     user_login: Option<String>,
     api_key_file: Option<PathBuf>,
     poll_interval_secs: Option<u64>,
@@ -835,10 +848,29 @@ impl Validator {
         Some(path)
     }
 
-    fn http_url(&mut self, key: &str, value: Option<String>) -> String {
-        let url = self.required(key, value);
-        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
-            self.problem(key, format!("{url:?} is not an http(s) URL"));
+    /// A cloud URL: `https://`, or `http://` only where `<section>.allow_insecure_http` says so
+    /// (a fake cloud on loopback): over plain HTTP the secrets and badge data travel in clear.
+    fn http_url(
+        &mut self,
+        section: &str,
+        field: &str,
+        value: Option<String>,
+        allow_insecure: bool,
+    ) -> String {
+        let key = format!("{section}.{field}");
+        let url = self.required(&key, value);
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            _ if url.is_empty() => {}
+            Some("https") => {}
+            Some("http") if allow_insecure => {}
+            Some("http") => self.problem(
+                &key,
+                format!(
+                    "http:// sends the credentials and clockings in clear; use https:// or set {section}.allow_insecure_http = true"
+                ),
+            ),
+            _ => self.problem(&key, format!("{url:?} is not an https:// URL")),
         }
         url
     }
@@ -907,6 +939,24 @@ impl Validator {
             max_body_bytes,
             max_batch,
             rate_limit_per_sec: raw.rate_limit_per_sec.unwrap_or(100),
+            header_timeout: std::time::Duration::from_secs(self.bounded(
+                "http.header_timeout_secs",
+                raw.header_timeout_secs,
+                10,
+                1..=3600,
+            )),
+            body_timeout: std::time::Duration::from_secs(self.bounded(
+                "http.body_timeout_secs",
+                raw.body_timeout_secs,
+                30,
+                1..=3600,
+            )),
+            max_connections: self.bounded(
+                "http.max_connections",
+                raw.max_connections,
+                256,
+                1..=65_536,
+            ),
         }
     }
 
@@ -1319,8 +1369,9 @@ impl Validator {
     }
 
     fn protime(&mut self, raw: RawProtime, default_tz: Tz) -> Option<ProtimeConfig> {
-        let base_url = self.http_url("sinks.protime.base_url", raw.base_url);
-        let token_url = self.http_url("sinks.protime.token_url", raw.token_url);
+        let insecure = raw.allow_insecure_http.unwrap_or(false);
+        let base_url = self.http_url("sinks.protime", "base_url", raw.base_url, insecure);
+        let token_url = self.http_url("sinks.protime", "token_url", raw.token_url, insecure);
         let client_id = self.required("sinks.protime.client_id", raw.client_id);
         let client_secret = self.secret("sinks.protime.client_secret_file", raw.client_secret_file);
         let timezone = self.timezone("sinks.protime.timezone", raw.timezone, default_tz);
@@ -1362,7 +1413,8 @@ impl Validator {
     }
 
     fn crosschex(&mut self, raw: RawCrossChex, default_tz: Tz) -> Option<CrossChexConfig> {
-        let base_url = self.http_url("sources.crosschex.base_url", raw.base_url);
+        let insecure = raw.allow_insecure_http.unwrap_or(false);
+        let base_url = self.http_url("sources.crosschex", "base_url", raw.base_url, insecure);
         let api_key = self.required("sources.crosschex.api_key", raw.api_key);
         let api_secret = self.secret("sources.crosschex.api_secret_file", raw.api_secret_file);
         let timezone = self.timezone("sources.crosschex.timezone", raw.timezone, default_tz);
@@ -1422,7 +1474,8 @@ impl Validator {
     }
 
     fn aktion(&mut self, raw: RawAktion, default_tz: Tz) -> Option<AktionConfig> {
-        let base_url = self.http_url("sources.aktion.base_url", raw.base_url);
+        let insecure = raw.allow_insecure_http.unwrap_or(false);
+        let base_url = self.http_url("sources.aktion", "base_url", raw.base_url, insecure);
         let user_login = self.required("sources.aktion.user_login", raw.user_login);
         let api_key = self.secret("sources.aktion.api_key_file", raw.api_key_file);
         let poll_interval_secs = self.bounded(
@@ -1652,6 +1705,87 @@ mod tests {
         );
         let c = Config::parse(&with, dir.path()).unwrap();
         assert_eq!(c.http.token.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn http_hardening_defaults_and_bounds() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.http.header_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(c.http.body_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(c.http.max_connections, 256);
+        let zero = MINIMAL.replace(
+            "[mqtt]",
+            "[http]\nheader_timeout_secs = 0\nbody_timeout_secs = 0\nmax_connections = 0\n[mqtt]",
+        );
+        assert_eq!(
+            keys(parse(&zero).unwrap_err()),
+            [
+                "http.header_timeout_secs",
+                "http.body_timeout_secs",
+                "http.max_connections"
+            ]
+        );
+    }
+
+    /// The three clouds with every URL on `scheme`, plus `extra` in each cloud section.
+    fn clouds_over(scheme: &str, extra: &str) -> String {
+        format!(
+            r#"
+            [sinks.protime]
+            base_url = "{scheme}://t.myprotime.eu/api/v1"
+            token_url = "{scheme}://auth/tenants/t/connect/token"
+            client_id = "c"
+            client_secret_file = "s"
+            {extra}
+            [sources.crosschex]
+            base_url = "{scheme}://api.eu.crosschexcloud.com/"
+            api_key = "k"
+            api_secret_file = "s"
+            {extra}
+            [sources.aktion]
+            base_url = "{scheme}://cloud.aktion.cz/api/"
+            user_login = "u"
+            api_key_file = "s"
+            {extra}
+            "#
+        )
+    }
+
+    #[test]
+    fn cloud_urls_must_be_https_unless_insecure_http_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "s3cret\n").unwrap();
+        let check = |scheme: &str, extra: &str| {
+            Config::parse(
+                &format!("{MINIMAL}{}", clouds_over(scheme, extra)),
+                dir.path(),
+            )
+        };
+        assert!(check("https", "").is_ok());
+        let err = check("http", "").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("sinks.protime.base_url: http:// sends the credentials and clockings in clear; use https:// or set sinks.protime.allow_insecure_http = true"),
+            "{msg}"
+        );
+        assert_eq!(
+            keys(err),
+            [
+                "sinks.protime.base_url",
+                "sinks.protime.token_url",
+                "sources.crosschex.base_url",
+                "sources.aktion.base_url"
+            ]
+        );
+        assert!(check("http", "allow_insecure_http = true").is_ok());
+        // The flag allows plain HTTP, nothing else.
+        let err = check("ftp", "allow_insecure_http = true").unwrap_err();
+        assert!(
+            err.to_string().contains(
+                r#"sources.aktion.base_url: "ftp://cloud.aktion.cz/api/" is not an https:// URL"#
+            ),
+            "{err}"
+        );
     }
 
     /// Two cloud sources, their terminals and the Protime sink (secrets in files cc, ak, pt).

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::access::engine::parse_check;
 use crate::access::AccessEngine;
-use crate::config::Config;
+use crate::config::{Config, HttpConfig};
 use crate::health::{self, Health};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -66,7 +66,8 @@ pub struct RateLimiter {
     buckets: std::sync::Mutex<HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
 }
 
-/// Clients remembered at most; idle (full) buckets are forgotten beyond this.
+/// Clients remembered at most; beyond this idle (full) buckets are forgotten, then the least
+/// recently seen clients.
 const MAX_TRACKED_CLIENTS: usize = 10_000;
 
 impl RateLimiter {
@@ -86,9 +87,19 @@ impl RateLimiter {
         let burst = rate * 2.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= MAX_TRACKED_CLIENTS && !buckets.contains_key(&ip) {
+            // Full buckets first: forgetting them changes nothing.
             buckets.retain(|_, (tokens, at)| {
                 *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
             });
+            if buckets.len() >= MAX_TRACKED_CLIENTS {
+                // Many clients are all draining their buckets (many addresses at once): forget
+                // the least recently seen tenth, so the map stays bounded and a new client costs
+                // one scan per thousand arrivals, not one each.
+                let mut seen: Vec<std::time::Instant> = buckets.values().map(|b| b.1).collect();
+                let (_, cutoff, _) = seen.select_nth_unstable(MAX_TRACKED_CLIENTS / 10);
+                let cutoff = *cutoff;
+                buckets.retain(|_, (_, at)| *at > cutoff);
+            }
         }
         let (tokens, at) = buckets.entry(ip).or_insert((burst, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
@@ -254,7 +265,14 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// The whole body within `http.body_timeout_secs` (a client trickling a body holds a connection
+/// and a request slot), at most `http.max_body_bytes`.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    http: &HttpConfig,
+) -> Result<Vec<u8>, ApiError> {
+    let limit = http.max_body_bytes;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -269,7 +287,18 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
+    let read = tokio::time::timeout(http.body_timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within http.body_timeout_secs ({} s)",
+                http.body_timeout.as_secs()
+            ),
+        ));
+    };
+    match read {
         Ok(b) => Ok(b.to_vec()),
         Err(e) => {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -314,7 +343,7 @@ async fn accept_clockings(st: &ApiState, req: Request) -> Result<Response, ApiEr
             "send clockings as JSON with Content-Type: application/json",
         ));
     }
-    let body = read_body(body, &parts.headers, st.config.http.max_body_bytes).await?;
+    let body = read_body(body, &parts.headers, &st.config.http).await?;
     let batch = parse_clockings_body(&st.config, &body)?;
     let outcomes = st.ingest.submit(batch).await?;
     let accepted: Vec<Value> = outcomes
@@ -646,7 +675,7 @@ async fn access_check(State(st): State<ApiState>, req: Request) -> Result<Json<V
             "send the check as JSON with Content-Type: application/json",
         ));
     }
-    let body = read_body(body, &parts.headers, st.config.http.max_body_bytes).await?;
+    let body = read_body(body, &parts.headers, &st.config.http).await?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -686,6 +715,229 @@ async fn zone_people(
         })
 }
 
+/// Serves the API on `listener` until `stop` turns true, then lets requests in progress finish.
+///
+/// `axum::serve` has no header timeout and no connection cap, so a slowloris client (many
+/// connections, each sending its request head a byte at a time) held descriptors the store and
+/// MQTT share. Here:
+/// - hyper closes a connection that has not delivered a complete request head within
+///   `http.header_timeout_secs` of opening or of its previous answer (idle keep-alives too);
+/// - at most `http.max_connections` connections are served. At the cap a new connection is
+///   accepted and the oldest connection *without a request in progress* (idle, or still sending
+///   its head) is closed for it. Waiting instead would let a few hundred idle sockets lock out
+///   every new client for a header timeout, and refusing new connections would do the same;
+///   closing an idle one costs its client nothing but a reconnect, and a request in progress is
+///   never cut. Only when every connection has a request in progress does accepting wait.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    config: &HttpConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let max = config.max_connections;
+    let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    let conns = Arc::new(Connections::default());
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of descriptors (EMFILE) or memory: pause instead of spinning, so that
+                // connections can close in the meantime.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match make_room(&permits, &conns, &mut stop).await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let slot = Arc::new(Slot::default());
+        let id = next_id;
+        next_id += 1;
+        let registered = conns.register(id, slot.clone());
+        let service = connection_service(app.clone(), peer, slot.clone(), conns.clone());
+        let http1 = http1.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _registered = registered;
+            let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                // The connection first: an answer already produced is written before a close.
+                biased;
+                _ = conn.as_mut() => return,
+                // Chosen to make room while idle: dropping the connection closes the socket.
+                _ = slot.close.notified() => return,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            if !slot.claim_idle() {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+    drop(listener);
+    // Every connection task holds a permit until it ends.
+    let _ = permits.acquire_many(max as u32).await;
+}
+
+/// A connection's request state: only an idle connection may be closed to make room.
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const CLOSING: u8 = 2;
+
+#[derive(Default)]
+struct Slot {
+    state: std::sync::atomic::AtomicU8,
+    close: tokio::sync::Notify,
+}
+
+impl Slot {
+    /// IDLE → CLOSING; false when a request is in progress.
+    fn claim_idle(&self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        self.state
+            .compare_exchange(IDLE, CLOSING, AcqRel, Acquire)
+            .is_ok()
+    }
+}
+
+#[derive(Default)]
+struct Connections {
+    /// Open connections, oldest first (ids in accept order).
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<Slot>>>,
+    /// A request finished: a connection may have become idle.
+    went_idle: tokio::sync::Notify,
+}
+
+impl Connections {
+    fn register(self: &Arc<Self>, id: u64, slot: Arc<Slot>) -> Registered {
+        self.lock().insert(id, slot);
+        Registered {
+            conns: self.clone(),
+            id,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Arc<Slot>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tell the oldest idle connection to close; false when every one has a request in progress.
+    fn close_oldest_idle(&self) -> bool {
+        let open = self.lock();
+        match open.values().find(|slot| slot.claim_idle()) {
+            Some(slot) => {
+                slot.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from [`Connections`] when its task ends.
+struct Registered {
+    conns: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.conns.lock().remove(&self.id);
+    }
+}
+
+/// At the cap: close the oldest idle connection and take its permit once its task ended; while
+/// every connection is busy, retry whenever a request finishes. None: the agent is stopping.
+async fn make_room(
+    permits: &Arc<tokio::sync::Semaphore>,
+    conns: &Connections,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        let closing = conns.close_oldest_idle();
+        tokio::select! {
+            permit = permits.clone().acquire_owned() => return permit.ok(),
+            _ = conns.went_idle.notified(), if !closing => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
+}
+
+/// The router for one connection: marks the connection busy while a request is handled and
+/// gives handlers the peer address (`ConnectInfo`, for the rate limiter).
+fn connection_service(
+    app: Router,
+    peer: std::net::SocketAddr,
+    slot: Arc<Slot>,
+    conns: Arc<Connections>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+    use tower::ServiceExt;
+    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (app, slot, conns) = (app.clone(), slot.clone(), conns.clone());
+        async move {
+            if slot
+                .state
+                .compare_exchange(IDLE, BUSY, AcqRel, Acquire)
+                .is_err()
+            {
+                // Chosen to make room, or the agent is stopping: this connection is closing.
+                let mut r = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection_closing",
+                    "this connection is being closed; send the request on a new connection",
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                return Ok(r);
+            }
+            let mut req = req.map(Body::new);
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let answer = app.oneshot(req).await;
+            slot.state.store(IDLE, Release);
+            conns.went_idle.notify_one();
+            answer
+        }
+    })
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::RateLimiter;
@@ -716,5 +968,29 @@ mod tests {
         }
         let off = RateLimiter::new(0);
         assert!((0..1000).all(|_| off.check(remote, t0).is_none()));
+    }
+
+    #[test]
+    fn the_client_map_stays_bounded_when_every_client_is_draining() {
+        let limiter = RateLimiter::new(1);
+        let t0 = Instant::now();
+        // Each client spends a token, so no bucket is full and none is forgotten for being idle.
+        for i in 0..(super::MAX_TRACKED_CLIENTS as u32 * 3) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let at = t0 + Duration::from_micros(u64::from(i));
+            assert!(limiter.check(ip, at).is_none());
+        }
+        let tracked = limiter.buckets.lock().unwrap().len();
+        assert!(
+            tracked <= super::MAX_TRACKED_CLIENTS,
+            "{tracked} clients tracked"
+        );
+        // The most recent client is still remembered (and limited).
+        let last = IpAddr::from(std::net::Ipv4Addr::from(
+            0x0a00_0000 + super::MAX_TRACKED_CLIENTS as u32 * 3 - 1,
+        ));
+        let later = t0 + Duration::from_millis(40);
+        assert!(limiter.check(last, later).is_none());
+        assert!(limiter.check(last, later).is_some(), "its bucket was kept");
     }
 }

@@ -63,6 +63,7 @@ zone_to = "production"
 
 [sources.aktion]
 base_url = "{}"
+allow_insecure_http = true
 user_login = "{DEFAULT_USER_LOGIN}"
 api_key_file = "aktion-key"
 poll_interval_secs = 1

@@ -42,6 +42,7 @@ crosschex_serial = "{CLAIMED}"
 
 [sources.crosschex]
 base_url = "{}"
+allow_insecure_http = true
 api_key = "{DEFAULT_API_KEY}"
 api_secret_file = "crosschex-secret"
 timezone = "Europe/Brussels"

@@ -35,7 +35,7 @@ async fn rig(seed: impl FnOnce(&ProtimeControl)) -> (FakeProtime, CloudRig) {
     }
     seed(&ctl);
     let sink = format!(
-        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\nmirror = true\nmirror_interval_secs = 1\n",
+        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nallow_insecure_http = true\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\nmirror = true\nmirror_interval_secs = 1\n",
         fake.base_url(),
         fake.token_url()
     );

@@ -552,7 +552,7 @@ mod tests {
         let config = Config::parse(
             &format!(
                 "[agent]\nsite = \"s\"\ndata_dir = \"{}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n\
-                 [sources.aktion]\nbase_url = \"{}\"\nuser_login = \"{}\"\napi_key_file = \"key\"\n",
+                 [sources.aktion]\nbase_url = \"{}\"\nallow_insecure_http = true\nuser_login = \"{}\"\napi_key_file = \"key\"\n",
                 dir.path().display(),
                 fake.base_url(),
                 fake::DEFAULT_USER_LOGIN

@@ -189,7 +189,7 @@ pub fn protime_sink(dir: &Path, fake: &badgegate::kit::fakes::protime::FakeProti
     )
     .unwrap();
     format!(
-        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
+        "\n[sinks.protime]\nbase_url = \"{}\"\ntoken_url = \"{}\"\nallow_insecure_http = true\nclient_id = \"{DEFAULT_CLIENT_ID}\"\nclient_secret_file = \"protime-secret\"\ntimezone = \"Europe/Brussels\"\n",
         fake.base_url(),
         fake.token_url()
     )
@@ -258,6 +258,19 @@ impl AgentProc {
             log_filter: "badgegate=debug",
             log_format: "human",
         }
+    }
+
+    /// Like [`start`](Self::start), with `http_extra` lines in the `[http]` section.
+    pub fn start_with_http(dir: &Path, mqtt_url: &str, http_extra: &str) -> AgentProc {
+        let mut a = AgentProc::configured(dir, mqtt_url, "badgegate-test", "", "");
+        let text = std::fs::read_to_string(&a.config_path).unwrap();
+        std::fs::write(
+            &a.config_path,
+            text.replace("[http]\n", &format!("[http]\n{http_extra}\n")),
+        )
+        .unwrap();
+        a.spawn();
+        a
     }
 
     /// The agent as a gateway runs it, for the benchmarks: the default MQTT in-flight window

@@ -123,6 +123,8 @@ aktion_c4 = "{C4}"
 
 [sources.crosschex]
 base_url = "{}"
+# The fake clouds listen on loopback, without TLS.
+allow_insecure_http = true
 api_key = "{}"
 api_secret_file = "crosschex-secret"
 timezone = "Europe/Brussels"
@@ -131,6 +133,7 @@ request_interval_ms = 300
 
 [sources.aktion]
 base_url = "{}"
+allow_insecure_http = true
 user_login = "{}"
 api_key_file = "aktion-key"
 poll_interval_secs = 1

@@ -118,6 +118,8 @@ zone_to = "production"
 [sinks.protime]
 base_url = "{}"
 token_url = "{}"
+# The fake listens on loopback, without TLS.
+allow_insecure_http = true
 client_id = "{}"
 client_secret_file = "protime-secret"
 timezone = "Europe/Brussels"
