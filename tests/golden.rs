@@ -17,7 +17,7 @@ use axum::response::IntoResponse;
 use axum::Router;
 use badgegate::clouds::crosschex::CrossChexClient;
 use badgegate::clouds::protime::{
-    AccessChange, ClockingKind, PersonRef, ProtimeClient, ProtimeClocking,
+    AccessChange, ClockingKind, PersonRef, PostOutcome, ProtimeClient, ProtimeClocking,
 };
 use badgegate::clouds::{ErrorKind, HttpOptions};
 use badgegate::config::{CrossChexConfig, ProtimeConfig, Secret};
@@ -33,6 +33,8 @@ struct Request {
     body: Value,
 }
 
+/// A route answers with a status and a fixture file name, or `Location: <value>` for a
+/// header-only answer.
 type Route = dyn Fn(&Request) -> (u16, &'static str) + Send + Sync;
 
 fn fixture(vendor: &str, name: &str) -> String {
@@ -58,6 +60,10 @@ async fn serve(vendor: &'static str, route: Arc<Route>) -> SocketAddr {
             };
             let (status, name) = route(&req);
             let status = StatusCode::from_u16(status).expect("status");
+            // A header-only answer (the page shows no body): `Location: <value>`.
+            if let Some(location) = name.strip_prefix("Location: ") {
+                return (status, [("location", location)]).into_response();
+            }
             (
                 status,
                 [("content-type", "application/json")],
@@ -168,6 +174,43 @@ async fn protime_clockings_list_follows_next_link_past_an_empty_page() {
     assert_eq!(
         (c.terminal_id, c.original_time_of_day_in_minutes),
         (None, None)
+    );
+}
+
+/// The first-clocking-integration tutorial's answer to `POST /clockings`: `201 Created` with
+/// `Location: /connector/protimeapi/api/v1/clockings/19250` and no body.
+#[tokio::test]
+async fn protime_post_clocking_created_with_location() {
+    let addr = serve(
+        "protime",
+        protime_route(|r| {
+            assert_eq!(
+                (&r.method, r.path.as_str()),
+                (&Method::POST, "/connector/protimeapi/api/v1/clockings")
+            );
+            assert_eq!(r.body["person"]["id"], 1);
+            assert_eq!(r.body["timeOfDayInMinutes"], 510);
+            (
+                201,
+                "Location: /connector/protimeapi/api/v1/clockings/19250",
+            )
+        }),
+    )
+    .await;
+    let clocking = ProtimeClocking {
+        person: PersonRef::Id(1),
+        date: date("2026-01-15"),
+        time_of_day_in_minutes: 510,
+        kind: ClockingKind::InOut,
+        terminal: None,
+    };
+    let outcome = protime(addr).post_clocking(&clocking).await.expect("post");
+    assert!(
+        matches!(
+            &outcome,
+            PostOutcome::Created { location: Some(l) } if l == "/connector/protimeapi/api/v1/clockings/19250"
+        ),
+        "{outcome:?}"
     );
 }
 
