@@ -1,9 +1,28 @@
-//! Fake Anviz CrossChex Cloud API (`shared/reference/crosschex.md`, seed
-//! `shared/seeds/crosschex-cloud-api.txt`).
+//! Fake Anviz CrossChex Cloud API, built from the vendor's published pages (not from the
+//! client's structs). Every call is `POST /` with a JSON envelope
+//! `{"header":{nameSpace,nameAction,version,requestId,timestamp},"authorize":{type,token},"payload":{..}}`;
+//! only the two calls below exist. Errors ALWAYS come with HTTP 200 and a `System/Exception`
+//! body, so a client must inspect the body. Per endpoint, the page it follows:
 //!
-//! Every call is `POST /` with a JSON envelope `{"header":{..},"authorize":{..},"payload":{..}}`;
-//! only `authorize.token/token` and `attendance.record/getrecord` exist. Errors ALWAYS come with
-//! HTTP 200 and a `System/Exception` body, so a client must inspect the body.
+//! - `authorize.token/token` — the official community post "How to use API to get the records
+//!   from the CrossChex Cloud",
+//!   `https://community.anviz.com/t/how-to-use-api-to-get-the-records-from-the-crosschex-cloud/726`
+//!   (seed `shared/seeds/crosschex-cloud-api.txt`): payload `api_key`, `api_secret` → "Respond
+//!   Parameter Instruction (200)": `code` 200, `data.payload.token` (an HS256 JWT),
+//!   `data.payload.expires` (RFC 3339, 72 h after the request in the example), `data.header`
+//!   echoing `nameSpace`/`nameAction`/`version`, `error` `{}`. Golden copy:
+//!   `tests/fixtures/crosschex/token.json`.
+//! - `attendance.record/getrecord` — the same post, "POST Get Record": payload `begin_time`,
+//!   `end_time`, `workno` (optional), `order` (`asc` default), `page` (from 1), `per_page` (≤ 1000)
+//!   → `data.payload` `count`, `list[{checktype, checktime, device{serial_number,name},
+//!   employee{first_name,last_name,workno}}]`, `page`, `perPage`, `pageCount`. Golden copy:
+//!   `tests/fixtures/crosschex/getrecord.json`.
+//! - The unwrapped `{"header","payload"}` answer shape ([`Shape`]), the `System/Exception` errors
+//!   (`TOKEN_EXPIRES`, `AUTH_ERROR`, `MISS_PARAM`, `FREQUENT_REQUEST`), the ~15 s rate limit, the
+//!   silent page-size cap, the optional record `uuid` and the local wall clock behind `+00:00`
+//!   are on no published Anviz page: they follow `shared/reference/crosschex.md` (open-source
+//!   clients reported as tested against live accounts; medium confidence). Golden copies:
+//!   `tests/fixtures/crosschex/exception-*.json`.
 //!
 //! Assumptions where the sources are silent (a client must not rely on more):
 //! - The exception type for an unknown namespace/action is `UNDEFINED_METHOD` (sources only say
