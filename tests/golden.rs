@@ -20,7 +20,7 @@ use badgegate::clouds::protime::{
     AccessChange, ClockingKind, PersonRef, PostOutcome, ProtimeClient, ProtimeClocking,
 };
 use badgegate::clouds::{ErrorKind, HttpOptions};
-use badgegate::config::{CrossChexConfig, ProtimeConfig, Secret};
+use badgegate::config::{CheckTime, CrossChexConfig, ProtimeConfig, ProtimePersonRef, Secret};
 use badgegate::model::AccessStatus;
 use chrono::{NaiveDate, NaiveDateTime};
 use serde_json::Value;
@@ -113,6 +113,7 @@ fn protime(addr: SocketAddr) -> ProtimeClient {
         mirror_days: 7,
         people_interval_secs: 3600,
         retry_max_secs: 60,
+        person_ref: ProtimePersonRef::BadgeNumber,
     };
     ProtimeClient::new(&cfg, options()).expect("client")
 }
@@ -372,6 +373,8 @@ fn crosschex(addr: SocketAddr) -> CrossChexClient {
         request_interval_ms: 0,
         overlap_mins: 120,
         lookback_hours: 24,
+        checktime: CheckTime::Local,
+        protime_person_ref: None,
     };
     CrossChexClient::new(&cfg, options()).expect("client")
 }
@@ -423,7 +426,8 @@ async fn crosschex_token_and_getrecord_answers_from_the_post() {
     );
     // The `+00:00` label carries the account's local wall clock.
     assert_eq!(
-        r.occurred_at(chrono_tz::Europe::Brussels).to_rfc3339(),
+        r.occurred_at(CheckTime::Local, chrono_tz::Europe::Brussels)
+            .to_rfc3339(),
         "2022-07-20T20:15:05+02:00"
     );
 }
