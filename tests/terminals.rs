@@ -487,10 +487,11 @@ async fn records_from_a_foreign_device_id_are_refused() {
     let agent = AgentProc::start_with(dir.path(), &mosquitto.url(), "", &extra);
     let api = Api::new();
     sim.wait_for_links(1).await;
+    // Pushed in real time while a link is open, else only kept on the device (the agent drops
+    // each link at its first foreign frame and reconnects): stored in neither case.
     for i in 0..3u64 {
         sim.add_record(record(800 + i, i as i64, 0), true);
     }
-    assert_eq!(sim.stats().realtime_pushes, 3, "pushed on the open link");
 
     api.wait_health(&agent, "the foreign device reported", LONG, |h| {
         h["terminals"]["north"]["last_error"]
