@@ -137,14 +137,7 @@ pub fn parse_guid(raw: &str) -> Option<String> {
         return None;
     }
     let h = hex.to_ascii_lowercase();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
+    Some(super::hyphenated_guid(&h))
 }
 
 /// Parses an ASP.NET JSON date: `/Date(ms)/`, `/Date(ms+hhmm)/`, `/Date(-ms)/`, with or without

@@ -18,6 +18,18 @@ pub use http::{
     install_crypto_provider, Api, CloudError, ErrorKind, HttpOptions, VendorAnswer, USER_AGENT,
 };
 
+/// 32 hex digits in the canonical GUID form 8-4-4-4-12 (the caller checked them).
+pub(crate) fn hyphenated_guid(h: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 #[cfg(all(test, feature = "kit"))]
 mod tests {
     //! Secrets never leak: every client runs through success and failure paths while a TRACE

@@ -857,14 +857,7 @@ fn is_guid(token: &str) -> Option<String> {
         .collect();
     (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
         let h = hex.to_ascii_lowercase();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
+        crate::clouds::hyphenated_guid(&h)
     })
 }
 

@@ -642,14 +642,7 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 /// A random GUID in the usual 8-4-4-4-12 lowercase form.
 pub(crate) fn guid() -> String {
     let h = random_hex(16);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    crate::clouds::hyphenated_guid(&h)
 }
 
 /// Test-only helpers shared by the fakes' tests.
