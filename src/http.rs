@@ -267,6 +267,18 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// The whole body within `http.body_timeout_secs` (a client trickling a body holds a connection
 /// and a request slot), at most `http.max_body_bytes`.
+/// Reads and drops up to about `cap` bytes of `body`.
+async fn discard(mut body: Body, cap: usize) {
+    use axum::body::HttpBody;
+    let mut read = 0usize;
+    while read <= cap {
+        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -285,6 +297,10 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        // Read and discard what the client sends (bounded in size and time) before answering:
+        // closing a connection with unread bytes makes the kernel reset it, and the client sees
+        // a broken pipe instead of the 413.
+        let _ = tokio::time::timeout(http.body_timeout, discard(body, 4 * limit)).await;
         return Err(too_large());
     }
     let read = tokio::time::timeout(http.body_timeout, axum::body::to_bytes(body, limit));
